@@ -1,0 +1,626 @@
+"""/etc/pufflet.conf: grammar and checks, see pufflet.conf(5).
+
+The result is a frozen Config: the parent re-parses on SIGHUP and swaps
+the whole object, so nothing may change one in place.
+
+Statements live in a table keyed by their keywords; each has one small
+handler.  To add a statement, write a handler and decorate it with
+@_statement("its keywords").  Every error is collected with its file
+and line, and parsing goes on with the next statement, so an admin
+sees all mistakes of a file at once, as with pfctl -n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pufflet.conflex import Statement, Token, lex
+
+MAX_INCLUDE_DEPTH = 16
+
+
+class ConfigError(Exception):
+    """All errors found in a configuration, as (file, line, message)."""
+
+    def __init__(self, errors: list[tuple[str, int, str]]) -> None:
+        self.errors = list(errors)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(f"{f}:{n}: {m}" for f, n, m in self.errors)
+
+
+@dataclass(frozen=True)
+class Taint:
+    key: str
+    value: str
+    effect: str
+
+
+@dataclass(frozen=True)
+class HostPath:
+    prefix: str
+    writable: bool
+
+
+@dataclass(frozen=True)
+class PodNetwork:
+    cidr: str | None        # None: use the node's spec.podCIDR
+    egress: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    node_name: str
+    kubeconfig: str | None
+    bootstrap_kubeconfig: str | None
+    user: str
+    state_dir: str
+    log_dir: str
+    pod_uid_min: int
+    pod_uid_max: int
+    max_pods: int
+    pod_network: PodNetwork
+    listen_address: str
+    listen_port: int
+    tls_cert: str | None
+    tls_key: str | None
+    static_pod_dir: str | None
+    labels: tuple[tuple[str, str], ...]
+    taints: tuple[Taint, ...]
+    hostpaths: tuple[HostPath, ...]
+
+
+DEFAULT_TAINT = Taint("pufflet.io/openbsd", "true", "NoSchedule")
+
+# Defaults of the singleton settings, by Config field.  node_name is
+# missing on purpose: asking the OS for it is a side effect, done only
+# when no 'node name' is given.
+_DEFAULTS: dict[str, Any] = {
+    "kubeconfig": None,
+    "bootstrap_kubeconfig": None,
+    "user": "_pufflet",
+    "state_dir": "/var/db/pufflet",
+    "log_dir": "/var/log/pufflet",
+    "pod_uid_min": 100000,
+    "pod_uid_max": 165535,
+    "max_pods": 110,
+    "pod_network": PodNetwork(None, None),
+    "listen_address": "0.0.0.0",
+    "listen_port": 10250,
+    "tls_cert": None,
+    "tls_key": None,
+    "static_pod_dir": None,
+}
+
+
+def load(path: str) -> Config:
+    """Read and check the configuration file at path."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([(path, 0, f"cannot read: {_why(e)}")]) from None
+    p = _Parser(path)
+    p.file(text, path, os.path.dirname(path), [os.path.realpath(path)])
+    return p.finish()
+
+
+def parse(text: str, name: str = "<string>") -> Config:
+    """Check a configuration given as text; includes are relative to the
+    current directory."""
+    p = _Parser(name)
+    p.file(text, name, "", [])
+    return p.finish()
+
+
+def default() -> Config:
+    """The configuration of an empty file."""
+    return dataclasses.replace(parse(""), path="")
+
+
+# ---------------------------------------------------------------------------
+# parser
+
+class _Error(Exception):
+    """A statement is wrong; the message says how."""
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_REF = re.compile(r"\$([A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class _Stmt:
+    words: tuple[str, ...]
+    handler: Callable[[_Parser, _Args], None]
+    repeatable: bool
+    options: tuple[str, ...]     # keywords used among the arguments
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.words)
+
+
+_TABLE: dict[tuple[str, ...], _Stmt] = {}
+
+
+def _statement(words: str, repeatable: bool = False,
+               options: tuple[str, ...] = ()) -> Callable:
+    def register(fn: Callable[[_Parser, _Args], None]) -> Callable:
+        key = tuple(words.split())
+        _TABLE[key] = _Stmt(key, fn, repeatable, options)
+        return fn
+    return register
+
+
+def _keywords() -> frozenset[str]:
+    words: set[str] = set()
+    for s in _TABLE.values():
+        words.update(s.words)
+        words.update(s.options)
+    return frozenset(words)
+
+
+class _Args:
+    """The arguments of one statement, consumed left to right."""
+
+    def __init__(self, stmt: str, tokens: list[Token]) -> None:
+        self.stmt = stmt
+        self.tokens = tokens
+        self.i = 0
+
+    def peek(self) -> Token | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def string(self, what: str) -> str:
+        t = self.peek()
+        if t is None:
+            raise _Error(f"'{self.stmt}' needs {what}")
+        self.i += 1
+        return t.text
+
+    def path(self, what: str = "an absolute path") -> str:
+        p = self.string(what)
+        if not p.startswith("/"):
+            raise _Error(f"'{self.stmt}': path '{p}' is not absolute")
+        return p
+
+    def number(self, what: str, lo: int, hi: int) -> int:
+        s = self.string(what)
+        if not s.isascii() or not s.isdigit():
+            raise _Error(f"'{self.stmt}': '{s}' is not a number")
+        # cap the digits: int() of a huge string is slow, or refused
+        v = int(s) if len(s) <= 19 else hi + 1
+        if not lo <= v <= hi:
+            raise _Error(f"'{self.stmt}': {s} is out of range {lo}-{hi}")
+        return v
+
+    def keyword(self, *words: str) -> str | None:
+        """Take the next token if it is one of the bare words."""
+        t = self.peek()
+        if t is not None and not t.quoted and t.text in words:
+            self.i += 1
+            return t.text
+        return None
+
+    def end(self) -> None:
+        t = self.peek()
+        if t is not None:
+            raise _Error(f"unexpected '{t.text}' at end of '{self.stmt}'")
+
+
+class _Parser:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.errors: list[tuple[str, int, str]] = []
+        self.macros: dict[str, str] = {}
+        self.seen: dict[str, tuple[str, int]] = {}         # statement -> where
+        self.v: dict[str, Any] = {}                        # Config fields set
+        self.labels: dict[str, tuple[str, tuple[str, int]]] = {}
+        self.taints: dict[tuple[str, str], tuple[Taint, tuple[str, int]]] = {}
+        self.taint_none: tuple[str, int] | None = None
+        self.hostpaths: dict[str, tuple[HostPath, tuple[str, int]]] = {}
+        self.where = (path, 0)        # statement being parsed
+        self.dir = ""                 # its file's directory, for includes
+        self.stack: list[str] = []    # real paths of the files being read
+        self.depth = 0                # of includes
+
+    def error(self, where: tuple[str, int], msg: str) -> None:
+        self.errors.append((where[0], where[1], msg))
+
+    def file(self, text: str, name: str, dirname: str,
+             stack: list[str]) -> None:
+        saved = self.where, self.dir, self.stack
+        self.dir, self.stack = dirname, stack
+        for st in lex(text):
+            self.where = (name, st.line)
+            try:
+                self.statement(st)
+            except _Error as e:
+                self.error(self.where, str(e))
+        self.where, self.dir, self.stack = saved
+
+    def statement(self, st: Statement) -> None:
+        if st.error is not None:
+            raise _Error(st.error)
+        toks = list(st.tokens)
+        if self.macro_definition(toks):
+            return
+        toks = [self.expand(t) for t in toks]
+        stmt, n = self.lookup(toks)
+        if not stmt.repeatable:
+            first = self.seen.get(stmt.name)
+            if first is not None:
+                raise _Error(f"duplicate '{stmt.name}' statement "
+                             f"(first at {first[0]}:{first[1]})")
+            self.seen[stmt.name] = self.where
+        args = _Args(stmt.name, toks[n:])
+        stmt.handler(self, args)
+        args.end()
+
+    def macro_definition(self, toks: list[Token]) -> bool:
+        """Define a macro if toks say name = value; pf's name="value"
+        without blanks is taken too."""
+        first = toks[0]
+        if first.quoted:
+            return False
+        if "=" not in first.text and (len(toks) < 2 or toks[1].quoted or
+                                      not toks[1].text.startswith("=")):
+            return False
+        # rejoin the bare words around '=', then split at the first one
+        head, rest = first.text, toks[1:]
+        while "=" not in head:
+            head += rest[0].text
+            rest = rest[1:]
+        name, _, tail = head.partition("=")
+        if tail:
+            rest = [Token(tail, False, first.line)] + rest
+        if not _NAME.match(name):
+            raise _Error(f"invalid macro name '{name}'")
+        if name in _keywords():
+            raise _Error(f"macro name '{name}' is a keyword")
+        if len(rest) != 1:
+            raise _Error(f"macro '{name}' needs one value" +
+                         (", quote it if it has blanks" if rest else ""))
+        value = self.expand(rest[0]).text
+        if name in self.macros:
+            raise _Error(f"macro {name} redefined")
+        self.macros[name] = value
+        return True
+
+    def expand(self, t: Token) -> Token:
+        """Expand a bare word starting with $name.  As in pf, the rest of
+        the word is kept, so $dir/file works; a '$' inside a word is just
+        a character."""
+        if t.quoted or not t.text.startswith("$"):
+            return t
+        m = _REF.match(t.text)
+        if not m or not _NAME.match(m.group(1)):
+            raise _Error(f"invalid macro reference '{t.text}'")
+        name = m.group(1)
+        if name not in self.macros:
+            raise _Error(f"macro '{name}' not defined")
+        # one word, even if the value has blanks: unlike pf, never split
+        return Token(self.macros[name] + t.text[m.end():], False, t.line)
+
+    def lookup(self, toks: list[Token]) -> tuple[_Stmt, int]:
+        """Find the statement named by the leading bare words of toks,
+        and how many words name it; the longest name wins."""
+        prefixes = {k[:i] for k in _TABLE for i in range(1, len(k) + 1)}
+        words: tuple[str, ...] = ()
+        for t in toks:
+            if t.quoted or words + (t.text,) not in prefixes:
+                break
+            words += (t.text,)
+        if words in _TABLE:
+            return _TABLE[words], len(words)
+        if not words:
+            raise _Error(f"unknown keyword '{toks[0].text}'")
+        nexts = sorted({k[len(words)] for k in _TABLE
+                        if k[:len(words)] == words})
+        msg = f"expected {_either(nexts)} after '{' '.join(words)}'"
+        if len(toks) > len(words):
+            msg += f", got '{toks[len(words)].text}'"
+        raise _Error(msg)
+
+    def finish(self) -> Config:
+        v = dict(_DEFAULTS)
+        v.update(self.v)
+        self.check_uid_range(v)
+        if ("tls certificate" in self.seen) != ("tls key" in self.seen):
+            have, lack = (("tls certificate", "tls key")
+                          if "tls certificate" in self.seen
+                          else ("tls key", "tls certificate"))
+            self.error(self.seen[have], f"'{have}' given without '{lack}'")
+        if "node_name" not in v:
+            v["node_name"] = self.hostname()
+        if self.errors:
+            raise ConfigError(self.errors)
+        if self.taint_none is not None:
+            taints: tuple[Taint, ...] = ()
+        elif self.taints:
+            taints = tuple(t for t, _ in self.taints.values())
+        else:
+            taints = (DEFAULT_TAINT,)
+        return Config(
+            path=self.path,
+            labels=tuple((k, val) for k, (val, _) in self.labels.items()),
+            taints=taints,
+            hostpaths=tuple(h for h, _ in self.hostpaths.values()),
+            **v)
+
+    def check_uid_range(self, v: dict[str, Any]) -> None:
+        lo, hi, maxpods = v["pod_uid_min"], v["pod_uid_max"], v["max_pods"]
+        if hi - lo + 1 >= maxpods:
+            return
+        # the defaults fit, so one of the two statements was given
+        where = self.seen.get("pod uid range") or self.seen["max pods"]
+        self.error(where, f"pod uid range {lo}-{hi} holds {hi - lo + 1} "
+                          f"uids, fewer than max pods {maxpods}")
+
+    def hostname(self) -> str:
+        # Kubernetes lowercases host names for node names too; DNS names
+        # are case-insensitive, so this names the same host.
+        name = socket.gethostname().lower()
+        if not _is_dns_subdomain(name):
+            self.error((self.path, 0), f"host name '{name}' is not a valid "
+                       "node name; set one with 'node name'")
+        return name
+
+
+def _either(words: list[str]) -> str:
+    q = [f"'{w}'" for w in words]
+    return q[0] if len(q) == 1 else ", ".join(q[:-1]) + " or " + q[-1]
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+# ---------------------------------------------------------------------------
+# syntax of names, after Kubernetes' apimachinery validation
+
+_DNS_LABELS = re.compile(
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?\Z")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# pufflet sets these labels itself, from what the system says
+_RESERVED_LABELS = ("kubernetes.io/os", "kubernetes.io/arch",
+                    "kubernetes.io/hostname")
+
+
+def _is_dns_subdomain(s: str) -> bool:
+    return len(s) <= 253 and _DNS_LABELS.match(s) is not None
+
+
+def _is_qualified_name(s: str) -> bool:
+    prefix, slash, name = s.rpartition("/")
+    if slash and not _is_dns_subdomain(prefix):
+        return False
+    return len(name) <= 63 and _LABEL_NAME.match(name) is not None
+
+
+def _is_label_value(s: str) -> bool:
+    return s == "" or len(s) <= 63 and _LABEL_NAME.match(s) is not None
+
+
+# ---------------------------------------------------------------------------
+# statements
+
+@_statement("include", repeatable=True)
+def _include(p: _Parser, a: _Args) -> None:
+    name = a.string("a file name")
+    a.end()
+    path = os.path.join(p.dir, name)
+    real = os.path.realpath(path)
+    if real in p.stack:
+        raise _Error(f"include loop: '{path}' is already being read")
+    if p.depth >= MAX_INCLUDE_DEPTH:
+        raise _Error(f"includes nested too deep (at most "
+                     f"{MAX_INCLUDE_DEPTH})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _Error(f"cannot read '{path}': {_why(e)}") from None
+    p.depth += 1
+    try:
+        p.file(text, path, os.path.dirname(path), p.stack + [real])
+    finally:
+        p.depth -= 1
+
+
+@_statement("node name")
+def _node_name(p: _Parser, a: _Args) -> None:
+    name = a.string("a name")
+    if not _is_dns_subdomain(name):
+        raise _Error(f"invalid node name '{name}': must be lowercase "
+                     "letters, digits, '-' and '.', at most 253 characters")
+    p.v["node_name"] = name
+
+
+@_statement("node label", repeatable=True)
+def _node_label(p: _Parser, a: _Args) -> None:
+    s = a.string("key=value")
+    key, eq, value = s.partition("=")
+    if not eq:
+        raise _Error(f"label '{s}' is not key=value")
+    if not _is_qualified_name(key):
+        raise _Error(f"invalid label key '{key}'")
+    if not _is_label_value(value):
+        raise _Error(f"invalid label value '{value}'")
+    if key in _RESERVED_LABELS:
+        raise _Error(f"label '{key}' is set by pufflet itself")
+    if key in p.labels:
+        first = p.labels[key][1]
+        raise _Error(f"duplicate label '{key}' (first at "
+                     f"{first[0]}:{first[1]})")
+    p.labels[key] = (value, p.where)
+
+
+@_statement("node taint", repeatable=True, options=("none",))
+def _node_taint(p: _Parser, a: _Args) -> None:
+    if a.keyword("none"):
+        if p.taint_none is not None:
+            raise _Error(f"duplicate 'node taint none' (first at "
+                         f"{p.taint_none[0]}:{p.taint_none[1]})")
+        if p.taints:
+            raise _Error("'node taint none' cannot be combined with "
+                         "other taints")
+        p.taint_none = p.where
+        return
+    s = a.string("key[=value]:effect or 'none'")
+    kv, colon, effect = s.rpartition(":")
+    if not colon:
+        raise _Error(f"taint '{s}' is not key[=value]:effect")
+    key, _, value = kv.partition("=")
+    if not _is_qualified_name(key):
+        raise _Error(f"invalid taint key '{key}'")
+    if not _is_label_value(value):
+        raise _Error(f"invalid taint value '{value}'")
+    if effect not in _EFFECTS:
+        raise _Error(f"invalid taint effect '{effect}': expected "
+                     f"{_either(list(_EFFECTS))}")
+    if p.taint_none is not None:
+        raise _Error("taint cannot be combined with 'node taint none' "
+                     f"(at {p.taint_none[0]}:{p.taint_none[1]})")
+    if (key, effect) in p.taints:
+        first = p.taints[key, effect][1]
+        raise _Error(f"duplicate taint '{key}' with effect {effect} "
+                     f"(first at {first[0]}:{first[1]})")
+    p.taints[key, effect] = (Taint(key, value, effect), p.where)
+
+
+@_statement("kubeconfig")
+def _kubeconfig(p: _Parser, a: _Args) -> None:
+    p.v["kubeconfig"] = a.path()
+
+
+@_statement("bootstrap kubeconfig")
+def _bootstrap_kubeconfig(p: _Parser, a: _Args) -> None:
+    p.v["bootstrap_kubeconfig"] = a.path()
+
+
+@_statement("user")
+def _user(p: _Parser, a: _Args) -> None:
+    user = a.string("a user name")
+    if user == "root":
+        # the agent faces the network; it must never hold root
+        raise _Error("user must not be root")
+    if len(user) > 32 or not _USER.match(user):
+        raise _Error(f"invalid user name '{user}'")
+    p.v["user"] = user
+
+
+@_statement("state directory")
+def _state_directory(p: _Parser, a: _Args) -> None:
+    p.v["state_dir"] = a.path()
+
+
+@_statement("log directory")
+def _log_directory(p: _Parser, a: _Args) -> None:
+    p.v["log_dir"] = a.path()
+
+
+@_statement("pod uid range")
+def _pod_uid_range(p: _Parser, a: _Args) -> None:
+    # below 1000 live the system's own users
+    lo = a.number("two numbers", 1000, 2**31 - 1)
+    hi = a.number("two numbers", 1000, 2**31 - 1)
+    if lo > hi:
+        raise _Error(f"'pod uid range': {lo} is above {hi}")
+    p.v["pod_uid_min"], p.v["pod_uid_max"] = lo, hi
+
+
+@_statement("max pods")
+def _max_pods(p: _Parser, a: _Args) -> None:
+    p.v["max_pods"] = a.number("a number", 1, 10000)
+
+
+@_statement("pod network", options=("from", "egress"))
+def _pod_network(p: _Parser, a: _Args) -> None:
+    cidr: str | None = None
+    if a.keyword("from"):
+        if not a.keyword("node"):
+            raise _Error("expected 'node' after 'pod network from'")
+    else:
+        s = a.string("a network or 'from node'")
+        try:
+            net = ipaddress.ip_network(s, strict=True)
+        except ValueError as e:
+            raise _Error(f"invalid pod network: {e}") from None
+        # room for a gateway and at least one pod
+        most = 30 if net.version == 4 else 126
+        if net.prefixlen > most:
+            raise _Error(f"pod network {s} is too small: the prefix "
+                         f"must be /{most} or shorter")
+        cidr = str(net)
+    egress = None
+    if a.keyword("egress"):
+        egress = a.string("an interface name")
+        if len(egress) > 15 or not _IFNAME.match(egress):
+            raise _Error(f"invalid interface name '{egress}'")
+    p.v["pod_network"] = PodNetwork(cidr, egress)
+
+
+@_statement("listen on", options=("port",))
+def _listen_on(p: _Parser, a: _Args) -> None:
+    s = a.string("an address or '*'")
+    if s == "*":
+        addr = "0.0.0.0"
+    else:
+        try:
+            addr = str(ipaddress.ip_address(s))
+        except ValueError:
+            raise _Error(f"invalid listen address '{s}'") from None
+    if a.keyword("port"):
+        p.v["listen_port"] = a.number("a port number", 1, 65535)
+    p.v["listen_address"] = addr
+
+
+@_statement("tls certificate")
+def _tls_certificate(p: _Parser, a: _Args) -> None:
+    p.v["tls_cert"] = a.path()
+
+
+@_statement("tls key")
+def _tls_key(p: _Parser, a: _Args) -> None:
+    p.v["tls_key"] = a.path()
+
+
+@_statement("static pods")
+def _static_pods(p: _Parser, a: _Args) -> None:
+    p.v["static_pod_dir"] = a.path()
+
+
+@_statement("hostpath", repeatable=True, options=("read-only", "read-write"))
+def _hostpath(p: _Parser, a: _Args) -> None:
+    prefix = a.path()
+    parts = prefix.split("/")[1:]
+    if prefix == "/":
+        raise _Error("hostpath / would expose the whole host")
+    # a prefix is compared as a string later: it must have one spelling
+    if "" in parts or "." in parts or ".." in parts:
+        raise _Error(f"hostpath '{prefix}' is not normalised "
+                     "(no '//', '.', '..' or trailing '/')")
+    mode = a.keyword("read-only", "read-write")
+    if mode is None and a.peek() is not None:
+        raise _Error("expected 'read-only' or 'read-write' after "
+                     f"'hostpath {prefix}', got '{a.peek().text}'")
+    if prefix in p.hostpaths:
+        first = p.hostpaths[prefix][1]
+        raise _Error(f"duplicate hostpath '{prefix}' (first at "
+                     f"{first[0]}:{first[1]})")
+    p.hostpaths[prefix] = (HostPath(prefix, mode == "read-write"), p.where)

@@ -42,8 +42,8 @@ from typing import Any
 import yaml
 
 from . import csr as csrmod
-from .auth import API_AUDIENCE, Authenticator, Authorizer, Attributes, Rule, User, node_name
-from .errors import ApiError, bad_request
+from .auth import API_AUDIENCE, Authenticator, Authorizer, Attributes, Rule, User
+from .errors import ApiError
 from .pki import CA
 from .resources import Resource, by_key
 from .server import Request, _Server
@@ -150,7 +150,8 @@ class ApiServer:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user or "anonymous")
         entry: dict[str, Any] = {}
         if token is not None:
-            self.add_token(token, user or "", groups or ())
+            if self.authn.from_token(token) is None:     # keep TokenRequest-issued tokens
+                self.add_token(token, user or "", groups or ())
             entry["token"] = token
         elif user:
             tag = safe + ("-" + "-".join(re.sub(r"[^A-Za-z0-9_.-]", "_", g) for g in groups)
@@ -184,19 +185,28 @@ class ApiServer:
 
     # -- fault injection ---------------------------------------------------
     def fail_next(self, n: int = 1, code: int = 500, *, method: str | None = None,
-                  path: str | None = None) -> None:
-        """Answer the next n matching requests with `code` (429/503 carry
-        Retry-After: 1).  method: HTTP method; path: regex searched in the URL path."""
-        with self._lock:
-            self._failures.append([n, code, method, re.compile(path) if path else None])
+                  path: str | None = None, retry_after: int | None = -1) -> None:
+        """Answer the next n matching requests with `code`, as a Status.
 
-    def _take_failure(self, method: str, path: str) -> int:
+        method: HTTP method; path: regex searched in the URL path.
+        retry_after: seconds for a Retry-After header, None for none; the
+        default gives 429 "Retry-After: 1" like priority-and-fairness, and
+        other codes none.  Beware: urllib3 (under the python client) silently
+        retries GETs answered 429/503 *with* Retry-After, up to 3 times.
+        """
+        if retry_after == -1:
+            retry_after = 1 if code == 429 else None
+        with self._lock:
+            self._failures.append([n, code, method, re.compile(path) if path else None,
+                                   retry_after])
+
+    def _take_failure(self, method: str, path: str) -> tuple[int, int | None] | None:
         with self._lock:
             for f in self._failures:
                 if f[0] > 0 and (f[2] is None or f[2] == method) and (f[3] is None or f[3].search(path)):
                     f[0] -= 1
-                    return f[1]
-        return 0
+                    return f[1], f[4]
+        return None
 
     def _log(self, r: Request) -> None:
         with self._lock:

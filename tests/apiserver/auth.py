@@ -29,8 +29,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApiError, forbidden, not_found
-from .resources import Resource, by_key
+from .errors import ApiError, forbidden
+from .resources import Resource
 
 if TYPE_CHECKING:
     from .store import Store

@@ -111,14 +111,7 @@ def path_not_found() -> ApiError:
                     {"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]})
 
 
-def unsupported_media_type(ctype: str) -> ApiError:
-    return ApiError(415, "UnsupportedMediaType",
-                    f'the body of the request was in an unknown format - accepted media types '
-                    f'include: application/json-patch+json, application/merge-patch+json, '
-                    f'application/strategic-merge-patch+json')
-
-
-def injected(code: int) -> ApiError:
+def injected(code: int, retry_after: int | None = None) -> ApiError:
     """Errors a test asked for with ApiServer.fail_next()."""
     table = {429: ("TooManyRequests", "the server has received too many requests and has "
                    "asked us to try again later"),
@@ -126,5 +119,7 @@ def injected(code: int) -> ApiError:
              503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
              504: ("Timeout", "the server was unable to return a response in the time allotted")}
     reason, msg = table.get(code, ("InternalError", f"injected error {code}"))
-    headers = {"Retry-After": "1"} if code in (429, 503) else {}
-    return ApiError(code, reason, msg, {"retryAfterSeconds": 1} if code == 429 else None, headers)
+    if retry_after is None:
+        return ApiError(code, reason, msg)
+    return ApiError(code, reason, msg, {"retryAfterSeconds": retry_after},
+                    {"Retry-After": str(retry_after)})

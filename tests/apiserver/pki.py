@@ -8,7 +8,6 @@ the directory given, so restarting an emulator on the same dir is cheap.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 import subprocess
 import tempfile

@@ -5,7 +5,7 @@ this table, so anything a client can discover is something the emulator serves.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,10 @@ def by_key(key: str) -> Resource:
     if key in _BY_KEY:
         return _BY_KEY[key]
     matches = [r for r in RESOURCES
-               if key in (r.kind, r.kind.lower(), r.singular) or key in r.short_names]
+               if key in (r.plural, r.kind, r.kind.lower(), r.singular) or key in r.short_names]
+    if len(matches) > 1:
+        # "events": the core group wins, as with kubectl.
+        matches = [r for r in matches if not r.group] or matches
     if len(matches) == 1:
         return matches[0]
     raise KeyError(f"unknown or ambiguous resource {key!r}")

@@ -21,11 +21,11 @@ from urllib.parse import parse_qs, urlsplit
 from . import csr as csrmod
 from . import patch as patchmod
 from . import resources as rt
-from .auth import Attributes, User, admit_node, authenticated, forbidden_message, node_name
+from .auth import Attributes, User, admit_node, authenticated, forbidden_message
 from .errors import (ApiError, bad_request, forbidden, injected, method_not_allowed,
-                     not_found, path_not_found, unauthorized)
+                     path_not_found, unauthorized)
 from .selectors import labels_match, fields_match, parse_fields, parse_labels
-from .store import Event, clone
+from .store import Event
 
 if TYPE_CHECKING:
     from . import ApiServer
@@ -120,7 +120,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------
     def _send(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+        data = json.dumps(body, separators=(",", ":")).encode() if not isinstance(body, bytes) else body
+        self._record(code)
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Cache-Control", "no-cache, private")
@@ -132,14 +133,33 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _body(self) -> Any:
-        n = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(n) if n else b""
+    def _record(self, status: int) -> None:
+        # Logged before the response goes out, so a test that has its answer
+        # always finds the request in ApiServer.request_log.
+        if not self.logged:
+            self.logged = True
+            u = self.user
+            self.server.api._log(Request(self.verb, self.url_path, self.q,
+                                         u.name if u else "", status))
+
+    def _read_raw(self) -> bytes:
+        # Always drain the body first: an early error answer must not leave
+        # its bytes on a keep-alive connection to be parsed as a request.
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raw = self._read_chunked()
+            return self._read_chunked()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _body(self) -> Any:
+        raw = self.raw_body
         if not raw:
             return None
         ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
+        if "protobuf" in ctype or "cbor" in ctype:
+            # client-go falls back to JSON when a server answers 415.
+            raise ApiError(415, "UnsupportedMediaType",
+                           f'the body of the request was in an unknown format - accepted '
+                           f'media types include: application/json, application/yaml')
         if ctype.endswith("yaml"):
             if ctype == patchmod.APPLY:
                 raise ApiError(415, "UnsupportedMediaType",
@@ -168,34 +188,30 @@ class _Handler(BaseHTTPRequestHandler):
         q = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         self.q = q
         self.verb = self.command.lower()
-        user: User | None = None
-        status = 500
+        self.url_path = url.path
+        self.user: User | None = None
+        self.logged = False
         try:
-            user = self._authenticate()
+            self.raw_body = self._read_raw()
+            self.user = user = self._authenticate()
             if user is None:
                 raise unauthorized()
-            code = api._take_failure(self.command, url.path)
-            if code:
-                raise injected(code)
-            status = self._route(url.path, q, user)
+            failure = api._take_failure(self.command, url.path)
+            if failure:
+                raise injected(*failure)
+            self._route(url.path, q, user)
         except ApiError as e:
-            status = e.code
-            if e.code == 401:
-                self.verb = self.verb if self.verb in ("get", "list", "watch") else self.verb
             self._send(e.code, e.status(), e.headers)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
-            status = 499
+            self._record(499)          # the client went away (nginx's code for it)
             self.close_connection = True
         except Exception as e:       # a bug in the emulator: answer like kube would
-            status = 500
             err = ApiError(500, "InternalError", f"Internal error occurred: {e!r}")
             try:
                 self._send(500, err.status())
             except OSError:
                 pass
             api._record_bug(e)
-        finally:
-            api._log(Request(self.verb, url.path, q, user.name if user else "", status))
 
     def _authenticate(self) -> User | None:
         api = self.server.api
@@ -225,6 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
             if body is None:
                 raise path_not_found()
             if isinstance(body, bytes):
+                self._record(200)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
@@ -250,6 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise path_not_found()
         verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update",
                 "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[self.command]
+        if verb == "create" and res.namespaced and not namespace and not sub:
+            raise method_not_allowed("")
         if verb == "list" and q.get("watch") in ("true", "1"):
             verb = "watch"
         self.verb = verb
@@ -306,8 +325,6 @@ class _Handler(BaseHTTPRequestHandler):
     # -- verbs -----------------------------------------------------------
     def _v_get(self, info: _Info, user: User) -> int:
         api = self.server.api
-        if info.subresource == "approval" or info.subresource == "status":
-            pass
         obj = api.store.get(info.res, info.namespace, info.name)
         self._send(200, obj)
         return 200
@@ -365,15 +382,15 @@ class _Handler(BaseHTTPRequestHandler):
         bookmarks = self.q.get("allowWatchBookmarks") in ("true", "1")
         rv_param = self.q.get("resourceVersion", "")
         initial = self.q.get("sendInitialEvents") in ("true", "1")
+        self._record(200)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Cache-Control", "no-cache, private")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.close_connection = True
 
         def emit(etype: str, obj: dict[str, Any]) -> None:
-            line = json.dumps({"type": etype, "object": obj}).encode() + b"\n"
+            line = json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode() + b"\n"
             self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
             self.wfile.flush()
 

@@ -10,7 +10,7 @@ import datetime as dt
 import re
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApiError, bad_request, forbidden, invalid, not_found
+from .errors import bad_request, forbidden, invalid
 from .resources import Resource, by_key
 
 if TYPE_CHECKING:
@@ -168,6 +168,13 @@ def prepare_for_create(res: Resource, obj: dict[str, Any], store: "Store",
                        user: dict[str, Any] | None) -> None:
     kind = res.kind
     md = obj["metadata"]
+    # Go structs without omitempty: these always serialize, if only as {}.
+    if kind in ("Node", "Pod", "Namespace", "Service", "PersistentVolumeClaim",
+                "CertificateSigningRequest", "Lease"):
+        obj.setdefault("spec", {})
+    if kind in ("Node", "Pod", "Namespace", "Service", "PersistentVolumeClaim",
+                "CertificateSigningRequest"):
+        obj.setdefault("status", {})
     if kind == "Pod":
         _default_pod(obj, store)
     elif kind == "Namespace":

@@ -56,6 +56,20 @@ class PodNetwork:
 
 
 @dataclass(frozen=True)
+class Threshold:
+    """A pressure threshold: an amount (bytes, inodes or processes) or a
+    percentage of the total, never both."""
+    amount: int | None
+    percent: float | None
+
+    def of(self, total: int) -> int:
+        """The threshold as an amount, given the total it is a share of."""
+        if self.percent is not None:
+            return int(total * self.percent / 100)
+        return self.amount or 0
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     node_name: str
@@ -76,6 +90,19 @@ class Config:
     labels: tuple[tuple[str, str], ...]
     taints: tuple[Taint, ...]
     hostpaths: tuple[HostPath, ...]
+    node_address: str | None = None      # None: detected
+    reserved_cpu_millis: int = 0
+    reserved_memory: int = 0
+    reserved_storage: int = 0
+    pressure_memory: Threshold = Threshold(100 << 20, None)
+    pressure_disk: Threshold = Threshold(None, 10.0)
+    pressure_inodes: Threshold = Threshold(None, 5.0)
+    pressure_pids: Threshold = Threshold(None, 5.0)
+    status_interval: float = 10.0
+    status_report: float = 300.0
+    lease_duration: int = 40
+    registry_credentials: str | None = None   # docker config.json, read as root
+    insecure_registries: tuple[str, ...] = ()  # host[:port] spoken to over plain HTTP
 
 
 DEFAULT_TAINT = Taint("pufflet.io/openbsd", "true", "NoSchedule")
@@ -134,6 +161,8 @@ class _Error(Exception):
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?\Z")
+_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _REF = re.compile(r"\$([A-Za-z0-9_]*)")
 
 
@@ -202,6 +231,36 @@ class _Args:
         if not lo <= v <= hi:
             raise _Error(f"'{self.stmt}': {s} is out of range {lo}-{hi}")
         return v
+
+    def seconds(self, lo: float, hi: float) -> float:
+        """Decimal seconds, fractions allowed so tests can go fast."""
+        s = self.string("a number of seconds")
+        if not _DECIMAL.match(s):
+            raise _Error(f"'{self.stmt}': '{s}' is not a number of seconds")
+        v = float(s)
+        if not lo <= v <= hi:
+            raise _Error(f"'{self.stmt}': {s} is out of range {lo:g}-{hi:g}")
+        return v
+
+    def size(self, what: str, percent: bool = False,
+             suffixes: bool = True) -> tuple[int | None, float | None]:
+        """A size with an optional binary suffix K, M, G or T (a count
+        without one when suffixes is false), or, if percent, a share
+        such as 10%. Returns (amount, None) or (None, percent)."""
+        s = self.string(what)
+        if percent and s.endswith("%"):
+            if not _DECIMAL.match(s[:-1]):
+                raise _Error(f"'{self.stmt}': '{s}' is not a percentage")
+            p = float(s[:-1])
+            if not 0 <= p < 100:
+                raise _Error(f"'{self.stmt}': {s} is out of range 0%-99%")
+            return None, p
+        digits, mult = s, 1
+        if suffixes and s[-1:] in _SUFFIXES:
+            digits, mult = s[:-1], _SUFFIXES[s[-1]]
+        if not digits.isascii() or not digits.isdigit() or len(digits) > 15:
+            raise _Error(f"'{self.stmt}': '{s}' is not {what}")
+        return int(digits) * mult, None
 
     def keyword(self, *words: str) -> str | None:
         """Take the next token if it is one of the bare words."""
@@ -335,6 +394,7 @@ class _Parser:
         v = dict(_DEFAULTS)
         v.update(self.v)
         self.check_uid_range(v)
+        self.check_status_intervals(v)
         if ("tls certificate" in self.seen) != ("tls key" in self.seen):
             have, lack = (("tls certificate", "tls key")
                           if "tls certificate" in self.seen
@@ -365,6 +425,15 @@ class _Parser:
         where = self.seen.get("pod uid range") or self.seen["max pods"]
         self.error(where, f"pod uid range {lo}-{hi} holds {hi - lo + 1} "
                           f"uids, fewer than max pods {maxpods}")
+
+    def check_status_intervals(self, v: dict[str, Any]) -> None:
+        every = v.get("status_interval", 10.0)
+        report = v.get("status_report", 300.0)
+        if report < every:
+            where = (self.seen.get("node status report")
+                     or self.seen["node status interval"])
+            self.error(where, f"node status report {report:g} is shorter "
+                              f"than node status interval {every:g}")
 
     def hostname(self) -> str:
         # Kubernetes lowercases host names for node names too; DNS names
@@ -624,3 +693,103 @@ def _hostpath(p: _Parser, a: _Args) -> None:
         raise _Error(f"duplicate hostpath '{prefix}' (first at "
                      f"{first[0]}:{first[1]})")
     p.hostpaths[prefix] = (HostPath(prefix, mode == "read-write"), p.where)
+
+
+@_statement("node address")
+def _node_address(p: _Parser, a: _Args) -> None:
+    s = a.string("an IP address")
+    try:
+        addr = ipaddress.ip_address(s)
+    except ValueError:
+        raise _Error(f"invalid node address '{s}'") from None
+    if addr.is_unspecified or addr.is_multicast:
+        raise _Error(f"node address {s} cannot reach this node")
+    p.v["node_address"] = str(addr)
+
+
+@_statement("reserve cpu")
+def _reserve_cpu(p: _Parser, a: _Args) -> None:
+    s = a.string("cores or millicores")
+    digits, milli = (s[:-1], 1) if s.endswith("m") else (s, 1000)
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 9:
+        raise _Error(f"'reserve cpu': '{s}' is not cores (2) or "
+                     "millicores (500m)")
+    p.v["reserved_cpu_millis"] = int(digits) * milli
+
+
+@_statement("reserve memory")
+def _reserve_memory(p: _Parser, a: _Args) -> None:
+    p.v["reserved_memory"] = a.size("a size")[0]
+
+
+@_statement("reserve storage")
+def _reserve_storage(p: _Parser, a: _Args) -> None:
+    p.v["reserved_storage"] = a.size("a size")[0]
+
+
+@_statement("pressure memory")
+def _pressure_memory(p: _Parser, a: _Args) -> None:
+    p.v["pressure_memory"] = Threshold(*a.size("a size or a percentage",
+                                               percent=True))
+
+
+@_statement("pressure disk")
+def _pressure_disk(p: _Parser, a: _Args) -> None:
+    p.v["pressure_disk"] = Threshold(*a.size("a size or a percentage",
+                                             percent=True))
+
+
+@_statement("pressure inodes")
+def _pressure_inodes(p: _Parser, a: _Args) -> None:
+    p.v["pressure_inodes"] = Threshold(*a.size("a count or a percentage",
+                                               percent=True, suffixes=False))
+
+
+@_statement("pressure pids")
+def _pressure_pids(p: _Parser, a: _Args) -> None:
+    p.v["pressure_pids"] = Threshold(*a.size("a count or a percentage",
+                                             percent=True, suffixes=False))
+
+
+@_statement("node status interval")
+def _node_status_interval(p: _Parser, a: _Args) -> None:
+    p.v["status_interval"] = a.seconds(0.1, 3600)
+
+
+@_statement("node status report")
+def _node_status_report(p: _Parser, a: _Args) -> None:
+    p.v["status_report"] = a.seconds(0.1, 86400)
+
+
+@_statement("node lease duration")
+def _node_lease_duration(p: _Parser, a: _Args) -> None:
+    # leaseDurationSeconds is an int32 of whole seconds in the Lease API
+    p.v["lease_duration"] = a.number("a number of seconds", 1, 3600)
+
+
+_REGISTRY_HOST = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?\Z")
+
+
+@_statement("registry credentials")
+def _registry_credentials(p: _Parser, a: _Args) -> None:
+    # Read by the agent before it drops privileges, so the file can stay
+    # root-only; its contents are checked then, not here.
+    p.v["registry_credentials"] = a.path()
+
+
+@_statement("insecure registry", repeatable=True)
+def _insecure_registry(p: _Parser, a: _Args) -> None:
+    s = a.string("a registry host[:port]")
+    host = s.lower()
+    m = _REGISTRY_HOST.match(host)
+    if m is None or len(host) > 255:
+        raise _Error(f"invalid registry '{s}': expected host or host:port "
+                     "(no scheme, no path)")
+    if m.group(1) is not None and not 1 <= int(m.group(1)) <= 65535:
+        raise _Error(f"invalid registry '{s}': port out of range 1-65535")
+    have = p.v.get("insecure_registries", ())
+    if host in have:
+        raise _Error(f"duplicate insecure registry '{s}'")
+    p.v["insecure_registries"] = have + (host,)

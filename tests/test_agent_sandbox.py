@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pufflet import config
+from pufflet import config, platform
 from pufflet.agent import main as agent
 from pufflet.privsep import drop
 
@@ -31,6 +31,9 @@ def test_agent_reads_its_kubeconfig_and_nothing_of_the_parents(public_tmp):
     cfg = dataclasses.replace(config.default(), kubeconfig=str(kubeconfig),
                               state_dir=str(state))
     ident = drop.lookup("nobody")
+    # As in the daemon, modules are loaded while root: the Python install
+    # here lives under /root, out of reach once we are nobody.
+    platform.current()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pufflet import config
-from pufflet.config import ConfigError, HostPath, PodNetwork, Taint
+from pufflet.config import ConfigError, HostPath, PodNetwork, Taint, Threshold
 from pufflet.conflex import lex
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pufflet.conf"
@@ -453,7 +453,8 @@ def test_unknown_keyword():
 
 
 def test_incomplete_keyword():
-    check("node\n", 1, "expected 'label', 'name' or 'taint' after 'node'")
+    check("node\n", 1, "expected 'address', 'label', 'lease', 'name', "
+                       "'status' or 'taint' after 'node'")
     check("node foo x\n", 1, "after 'node', got 'foo'")
     check("pod uid x\n", 1, "expected 'range' after 'pod uid', got 'x'")
     check("pod\n", 1, "expected 'network' or 'uid' after 'pod'")
@@ -521,6 +522,123 @@ tls key /k
                         "than max pods 110"),
         ("<string>", 10, "'tls key' given without 'tls certificate'"),
     ]
+
+
+# --- node address, reservations, pressure, heartbeat intervals --------------
+
+def test_node_status_defaults():
+    c = config.parse("")
+    assert c.node_address is None
+    assert (c.reserved_cpu_millis, c.reserved_memory, c.reserved_storage) == (0, 0, 0)
+    # the kubelet's evictionHard defaults, and 5% of pids
+    assert c.pressure_memory == Threshold(100 << 20, None)
+    assert c.pressure_disk == Threshold(None, 10.0)
+    assert c.pressure_inodes == Threshold(None, 5.0)
+    assert c.pressure_pids == Threshold(None, 5.0)
+    assert (c.status_interval, c.status_report, c.lease_duration) == (10.0, 300.0, 40)
+
+
+def test_node_status_statements():
+    c = config.parse("""\
+node address 192.0.2.7
+reserve cpu 250m
+reserve memory 256M
+reserve storage 1G
+pressure memory 5%
+pressure disk 2T
+pressure inodes 1000
+pressure pids 2.5%
+node status interval 0.2
+node status report 1.5
+node lease duration 2
+""")
+    assert c.node_address == "192.0.2.7"
+    assert c.reserved_cpu_millis == 250
+    assert c.reserved_memory == 256 << 20 and c.reserved_storage == 1 << 30
+    assert c.pressure_memory == Threshold(None, 5.0)
+    assert c.pressure_disk == Threshold(2 << 40, None)
+    assert c.pressure_inodes == Threshold(1000, None)
+    assert c.pressure_pids == Threshold(None, 2.5)
+    assert (c.status_interval, c.status_report, c.lease_duration) == (0.2, 1.5, 2)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("reserve cpu 2", 2000), ("reserve cpu 0", 0), ("reserve cpu 1500m", 1500)])
+def test_reserve_cpu(text, want):
+    assert config.parse(text + "\n").reserved_cpu_millis == want
+
+
+@pytest.mark.parametrize("text,want", [
+    ("reserve memory 1024", 1024), ("reserve memory 3K", 3072),
+    ("reserve storage 1T", 1 << 40), ("reserve storage 0", 0)])
+def test_reserve_sizes(text, want):
+    c = config.parse(text + "\n")
+    assert want in (c.reserved_memory, c.reserved_storage)
+
+
+def test_node_address_ipv6_normalised():
+    assert config.parse("node address 2001:DB8::0:1\n").node_address == "2001:db8::1"
+
+
+def test_threshold_of():
+    assert Threshold(None, 10.0).of(1000) == 100
+    assert Threshold(42, None).of(1000) == 42
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("node address", "'node address' needs an IP address"),
+    ("node address host.example", "invalid node address 'host.example'"),
+    ("node address 0.0.0.0", "node address 0.0.0.0 cannot reach this node"),
+    ("node address 224.0.0.1", "cannot reach this node"),
+    ("reserve cpu 0.5", "'reserve cpu': '0.5' is not cores (2) or millicores (500m)"),
+    ("reserve cpu m", "is not cores"),
+    ("reserve cpu", "'reserve cpu' needs cores or millicores"),
+    ("reserve memory 1Gi", "'reserve memory': '1Gi' is not a size"),
+    ("reserve memory 10%", "'reserve memory': '10%' is not a size"),
+    ("reserve storage -1", "'reserve storage': '-1' is not a size"),
+    ("reserve storage", "'reserve storage' needs a size"),
+    ("pressure memory 100%", "'pressure memory': 100% is out of range 0%-99%"),
+    ("pressure memory x%", "'pressure memory': 'x%' is not a percentage"),
+    ("pressure memory 1P", "'pressure memory': '1P' is not a size or a percentage"),
+    ("pressure disk", "'pressure disk' needs a size or a percentage"),
+    ("pressure inodes 1K", "'pressure inodes': '1K' is not a count or a percentage"),
+    ("pressure pids 5% 6%", "unexpected '6%' at end of 'pressure pids'"),
+    ("node status interval 0", "'node status interval': 0 is out of range 0.1-3600"),
+    ("node status interval 1e3", "'1e3' is not a number of seconds"),
+    ("node status interval .5", "'.5' is not a number of seconds"),
+    ("node status report 100000", "out of range 0.1-86400"),
+    ("node lease duration 0.5", "'node lease duration': '0.5' is not a number"),
+    ("node lease duration 0", "'node lease duration': 0 is out of range 1-3600"),
+    ("node lease", "expected 'duration' after 'node lease'"),
+    ("node status", "expected 'interval' or 'report' after 'node status'"),
+])
+def test_node_status_errors(text, fragment):
+    check("# line 1\n" + text + "\n", 2, fragment)
+
+
+def test_status_report_shorter_than_interval():
+    assert errors("node status interval 20\n\nnode status report 5\n") == [
+        ("<string>", 3, "node status report 5 is shorter than node status "
+                        "interval 20")]
+    # the default interval (10 s) counts too
+    assert errors("node status report 2\n") == [
+        ("<string>", 1, "node status report 2 is shorter than node status "
+                        "interval 10")]
+    assert errors("node status interval 400\n") == [
+        ("<string>", 1, "node status report 300 is shorter than node status "
+                        "interval 400")]
+
+
+@pytest.mark.parametrize("name,args", [
+    ("node address", "10.0.0.1"), ("reserve cpu", "1"), ("reserve memory", "1M"),
+    ("reserve storage", "1G"), ("pressure memory", "1M"), ("pressure disk", "1%"),
+    ("pressure inodes", "1%"), ("pressure pids", "1%"),
+    ("node status interval", "1"), ("node status report", "400"),
+    ("node lease duration", "4")])
+def test_duplicate_node_status_statements(name, args):
+    errs = errors(f"{name} {args}\n{name} {args}\n")
+    assert errs == [("<string>", 2, f"duplicate '{name}' statement "
+                     "(first at <string>:1)")]
 
 
 # --- node name, labels, taints ----------------------------------------------
@@ -1009,3 +1127,46 @@ def test_uid_range_rule(maxpods, lo, width):
         assert (c.max_pods, c.pod_uid_min, c.pod_uid_max) == (maxpods, lo, hi)
     else:
         assert error(text)[0] == 2
+
+
+# --- registries ---------------------------------------------------------------
+
+def test_registry_defaults():
+    c = config.parse("node name n")
+    assert c.registry_credentials is None
+    assert c.insecure_registries == ()
+
+
+def test_registry_statements():
+    c = config.parse('node name n\nregistry credentials "/etc/pufflet/registries.json"\n'
+                     'insecure registry "127.0.0.1:5000"\ninsecure registry Reg.LAN\n'
+                     'insecure registry "[::1]:5000"\n')
+    assert c.registry_credentials == "/etc/pufflet/registries.json"
+    assert c.insecure_registries == ("127.0.0.1:5000", "reg.lan", "[::1]:5000")
+
+
+@pytest.mark.parametrize("text,line,fragment", [
+    ("node name n\nregistry credentials rel.json", 2, "is not absolute"),
+    ("node name n\nregistry credentials", 2, "needs an absolute path"),
+    ("registry credentials /a\nregistry credentials /b", 2,
+     "duplicate 'registry credentials' statement (first at <string>:1)"),
+    ("node name n\ninsecure registry", 2, "needs a registry host[:port]"),
+    ("node name n\n\ninsecure registry \"http://r:5000\"", 3, "no scheme, no path"),
+    ("node name n\ninsecure registry r:5000/path", 2, "no scheme, no path"),
+    ("node name n\ninsecure registry r:0", 2, "port out of range"),
+    ("node name n\ninsecure registry r:70000", 2, "port out of range"),
+    ("node name n\ninsecure registry r\ninsecure registry R", 3,
+     "duplicate insecure registry 'R'"),
+    ("node name n\ninsecure registry r extra", 2, "unexpected 'extra'"),
+    ("node name n\ninsecure", 2, "expected 'registry' after 'insecure'"),
+])
+def test_registry_errors(text, line, fragment):
+    check(text, line, fragment)
+
+
+def test_registry_errors_name_the_file(tmp_path):
+    p = tmp_path / "pufflet.conf"
+    p.write_text("node name n\n# registries\ninsecure registry 'x y'\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(str(p))
+    assert str(e.value).startswith(f"{p}:3: ")

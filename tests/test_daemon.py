@@ -44,7 +44,11 @@ def test_two_processes_agent_unprivileged_and_confined(daemon):
 
 def test_state_dirs_created_root_owned(daemon, tmp_path):
     st = os.stat(tmp_path / "state")
-    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+    # 0710 root:<agent group>, not 0700: the agent must walk through to
+    # its client certificate in state/pki (TLS bootstrap), and only it may.
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, NOBODY.pw_gid, 0o710)
+    st = os.stat(tmp_path / "state" / "pki")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, NOBODY.pw_gid, 0o750)
     assert os.stat(tmp_path / "log").st_uid == 0
 
 

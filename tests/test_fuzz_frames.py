@@ -9,6 +9,7 @@ id 0 otherwise; no fd may leak in the server; afterwards normal calls still
 work and the server process is alive.
 """
 
+import gc
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import struct
 
 import msgpack
 import pytest
+import yaml
 
 from pufflet.privsep import spec
 from pufflet.privsep.channel import Client, Server, Status
@@ -43,11 +45,27 @@ VALID = {
     "OpenLog": lambda r: {"name": r.choice(["a", "pod-1", "x9-"])},
     "WatchTicks": lambda r: {"count": r.randrange(1, 5)},
 }
+OTHERS = ["CreateClientCSR", "GetClientCertInfo", "NoSuchMethod"]
 INTS = [0, 1, -1, 2 ** 31, 2 ** 32, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1,
         -(2 ** 63), 65536, 65537, 1000, 1001]
 
 
-def serve(sock):
+def fuzz_spec(tmp_path):
+    """The shipped spec, with NodeFacts pinned to the shape used here (the
+    shipped message grows as facts are added).  Every other shipped method
+    is part of the surface fuzzed: those without a handler here must still
+    be refused or answered UNIMPLEMENTED, never crash the priv."""
+    with open(os.path.join(os.path.dirname(spec.__file__), "spec.yaml")) as f:
+        doc = yaml.safe_load(f)
+    doc["messages"]["NodeFacts"] = {
+        k: ({"type": "int", "min": 0, "max": 2 ** 63 - 1} if type(v) is int
+            else {"type": "str", "max_len": 255}) for k, v in FACTS.items()}
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return spec.load(str(p))
+
+
+def serve(sock, s):
     """The priv: real handlers of the right shapes."""
     def ticks(body, fds):
         for n in range(body["count"]):
@@ -62,7 +80,7 @@ def serve(sock):
         return {"spec_version": 1, "priv_version": "0.1.0", "node_name": "n1"}
     log = logging.getLogger("fuzz-priv")
     log.setLevel(logging.CRITICAL)
-    Server(sock, spec.load(), {"Ping": lambda b, f: b, "WatchTicks": ticks,
+    Server(sock, s, {"Ping": lambda b, f: b, "WatchTicks": ticks,
                                "GetNodeFacts": lambda b, f: dict(FACTS),
                                "OpenLog": open_log, "Handshake": handshake},
            log).serve_forever()
@@ -113,7 +131,7 @@ def mutate(r, rid):
         body[r.choice(["extra", "seq", "x"])] = rand_obj(r)
     elif how == 3:
         frame["method"] = r.choice(["ping", "Pingg", "", "__class__",
-                                    "Ping\x00", rand_obj(r)])
+                                    "Ping\x00", rand_obj(r)] + OTHERS)
     elif how == 4:
         frame["id"] = r.choice([0, -1, 2 ** 63, 2 ** 64 - 1, True, 1.0, "1",
                                 None])
@@ -191,13 +209,22 @@ def expected_id(data, rid):
 
 
 @pytest.fixture
-def priv():
+def fuzzed(tmp_path):
+    return fuzz_spec(tmp_path)
+
+
+@pytest.fixture
+def priv(fuzzed):
     mine, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         mine.close()
+        # Garbage from earlier tests, inherited, would close its fds at some
+        # later collection and upset the fd count.
+        gc.collect()
+        gc.freeze()
         try:
-            serve(theirs)
+            serve(theirs, fuzzed)
         finally:
             os._exit(0)
     theirs.close()
@@ -214,9 +241,9 @@ def server_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_fuzz_frames(priv):
+def test_fuzz_frames(priv, fuzzed):
     sock, pid = priv
-    s = spec.load()
+    s = fuzzed
     r = random.Random(SEED)
     client = Client(sock, s)
     assert client.call("Ping", {"seq": 1, "payload": b""}).body["seq"] == 1
@@ -246,7 +273,7 @@ def test_fuzz_frames(priv):
     assert {"OK", "INVALID_ARGUMENT", "UNIMPLEMENTED",
             "FAILED_PRECONDITION"} <= set(codes), codes
     assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the priv died"
-    assert server_fds(pid) == fds_at_start, "the priv leaked fds"
+    assert server_fds(pid) <= fds_at_start, "the priv leaked fds"
     assert client.call("Ping", {"seq": 42, "payload": b"ok"}).body == \
         {"seq": 42, "payload": b"ok"}
     assert client.call("GetNodeFacts", {}).body == FACTS

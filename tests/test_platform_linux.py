@@ -333,6 +333,9 @@ KEYS = {
     "boot_id": str, "machine_id": str, "state_fs_bytes": int,
     "state_fs_free_bytes": int, "state_fs_inodes": int,
     "state_fs_free_inodes": int,
+    "memory_available_bytes": int,
+    "processes": int,
+    "max_processes": int,
 }
 
 
@@ -352,6 +355,24 @@ def test_node_facts(tmp_path):
     assert len(facts["boot_id"]) == 36
     if os.path.exists("/etc/machine-id"):
         assert facts["machine_id"] == read("/etc/machine-id").strip()
+
+
+def test_dynamic_facts(tmp_path):
+    facts = linux.node_facts(str(tmp_path))
+    assert 0 < facts["memory_available_bytes"] <= facts["memory_bytes"]
+    # at least this process, and no more than the kernel allows
+    assert 1 <= facts["processes"] <= facts["max_processes"]
+    assert facts["max_processes"] <= int(read("/proc/sys/kernel/pid_max"))
+    total = int(read("/proc/loadavg").split()[3].split("/")[1])
+    assert abs(facts["processes"] - total) < 50
+
+
+def test_meminfo_parsing():
+    text = "MemTotal:       16314000 kB\nMemAvailable:    8000000 kB\n" \
+           "HugePages_Total:       0\nbogus line\n"
+    assert linux.meminfo(text) == {"MemTotal": 16314000 * 1024,
+                                   "MemAvailable": 8000000 * 1024,
+                                   "HugePages_Total": 0}
 
 
 def test_other_platform_fallback(tmp_path):

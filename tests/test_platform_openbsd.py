@@ -146,6 +146,9 @@ def test_sysctl_mibs():
     assert openbsd.sysctl_mib("hw.physmem64") == (6, 19)
     assert openbsd.sysctl_mib("hw.uuid") == (6, 18)
     assert openbsd.sysctl_mib("kern.boottime") == (1, 21)
+    assert openbsd.sysctl_mib("kern.maxproc") == (1, 6)
+    assert openbsd.sysctl_mib("kern.nprocs") == (1, 47)
+    assert openbsd.sysctl_mib("vm.uvmexp") == (2, 4)
     with pytest.raises(KeyError):
         openbsd.sysctl_mib("kern.securelevel")
 
@@ -158,7 +161,13 @@ def obsd_libc(missing=()):
     values = {(6, 25): struct.pack("=i", 4),
               (6, 19): struct.pack("=q", 8 << 30),
               (1, 21): TIMEVAL,
-              (6, 18): UUID.encode() + b"\0"}
+              (6, 18): UUID.encode() + b"\0",
+              # pagesize, pagemask, pageshift, npages, free, active,
+              # inactive, then the rest of the struct (not read)
+              (2, 4): struct.pack("=7i", 4096, 4095, 12, 2 << 20, 1000,
+                                  500, 250) + bytes(320),
+              (1, 47): struct.pack("=i", 61),
+              (1, 6): struct.pack("=i", 1310)}
     return FakeLibc(sysctls={k: v for k, v in values.items() if k not in missing})
 
 
@@ -177,14 +186,18 @@ def test_node_facts(tmp_path):
         "machine": "amd64", "cpus": 4, "memory_bytes": 8 << 30,
         "boot_id": openbsd.boot_id(1730000000, 123456, "node1.example"),
         "machine_id": UUID,
+        "memory_available_bytes": (1000 + 250) * 4096,
+        "processes": 61, "max_processes": 1310,
     }
     assert set(fs) == {"state_fs_bytes", "state_fs_free_bytes",
                        "state_fs_inodes", "state_fs_free_inodes"}
     assert all(isinstance(v, int) for v in fs.values())
-    # Sizes asked for: int, int64, struct timeval, a string buffer.
+    # Sizes asked for: int, int64, struct timeval, a string buffer, room
+    # for any struct uvmexp, int, int.
     assert [c[1:3] for c in libc.calls] == [
         ((6, 25), 4), ((6, 19), 8),
-        ((1, 21), ctypes.sizeof(openbsd._Timeval)), ((6, 18), 64)]
+        ((1, 21), ctypes.sizeof(openbsd._Timeval)), ((6, 18), 64),
+        ((2, 4), 4096), ((1, 47), 4), ((1, 6), 4)]
     # Read-only: newp NULL, newlen 0.
     assert all(c[3] is None and c[4] == 0 for c in libc.calls)
 
@@ -194,6 +207,12 @@ def test_node_facts_without_uuid_or_ncpuonline(tmp_path):
     facts = openbsd.node_facts(str(tmp_path), libc=libc, uname=UNAME)
     assert facts["machine_id"] == ""
     assert facts["cpus"] == (os.cpu_count() or 1)
+
+
+def test_uvmexp_too_short_is_an_error():
+    libc = FakeLibc(sysctls={(2, 4): struct.pack("=4i", 4096, 4095, 12, 9)})
+    with pytest.raises(OSError, match="vm.uvmexp: 16 bytes, want 28"):
+        openbsd.memory_available(libc=libc)
 
 
 def test_boot_id_is_stable_and_uuid_shaped():

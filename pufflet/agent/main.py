@@ -9,14 +9,16 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 
 from pufflet import __version__, log as plog, platform
 from pufflet.config import Config
-from pufflet.platform import SandboxError
+from pufflet.platform import SandboxUnavailable
 from pufflet.privsep import drop
 from pufflet.privsep.channel import Client
+from pufflet.images import auth as image_auth, registry
+from pufflet.images.privstore import PrivStore
+from pufflet.images.puller import Puller
 from pufflet.privsep.spec import Spec
 
 log = logging.getLogger("pufflet.agent")
@@ -39,18 +41,32 @@ def sandbox_paths(cfg: Config) -> list[tuple[str, str]]:
     for p in (cfg.kubeconfig, cfg.bootstrap_kubeconfig):
         if p:
             paths.append((p, "r"))
+    # The client certificate pufflet bootstraps and renews (priv/pki.py):
+    # the directory, as each renewal adds a file and moves a symlink.
+    # Only with bootstrap: otherwise the agent has no business there.
+    if cfg.kubeconfig and cfg.bootstrap_kubeconfig:
+        paths.append((os.path.join(cfg.state_dir, "pki"), "r"))
     return paths
 
 
 def confine(cfg: Config) -> None:
-    """Apply the sandbox. On OpenBSD failing to pledge is fatal; elsewhere a
-    missing mechanism is worth a warning, not a refusal to run."""
+    """Apply the sandbox. A system without a mechanism (no Landlock in this
+    kernel, not OpenBSD nor Linux) is worth a warning; a mechanism that is
+    there but fails is fatal, since half a sandbox is worse than a clear
+    refusal to run."""
     try:
         platform.current().sandbox(sandbox_paths(cfg), PROMISES)
-    except SandboxError as e:
-        if sys.platform.startswith("openbsd"):
-            raise
+    except SandboxUnavailable as e:
         log.warning("no sandbox applied to the agent: %s", e)
+
+
+def registry_client(cfg: Config) -> registry.Client:
+    """The agent's registry client: node credentials from the file named
+    by 'registry credentials', plain HTTP only for 'insecure registry'."""
+    keyring = image_auth.Keyring()
+    if cfg.registry_credentials:
+        keyring = image_auth.Keyring.from_file(cfg.registry_credentials)
+    return registry.Client(insecure=cfg.insecure_registries, keyring=keyring)
 
 
 def _watch_parent(parent: int) -> None:
@@ -65,6 +81,36 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     plog.set_role("agent")
     platform.current().set_title("pufflet: agent")
     parent = os.getppid()
+    if cfg.kubeconfig:
+        # Imported here, not at the top of this file: the parent imports
+        # this module and must never load the kubernetes client; and now,
+        # before the drop and the sandbox, while its files are readable.
+        import encodings.idna  # noqa: F401 - for a DNS name in a server URL
+        from pufflet.agent import bootstrap, kube, node
+    # The bootstrap kubeconfig holds root's token: read it while we still may.
+    boot = None
+    if cfg.kubeconfig and cfg.bootstrap_kubeconfig:
+        try:
+            boot = kube.load_kubeconfig(cfg.bootstrap_kubeconfig)
+        except kube.KubeconfigError as e:
+            log.error("bootstrap kubeconfig: %s", e)
+            return 1
+    # Without bootstrap, the kubeconfig and the certificate, key and CA it
+    # names (root's, 0600) are read now, into memory.
+    access = None
+    if cfg.kubeconfig and boot is None:
+        try:
+            access = kube.load_kubeconfig(cfg.kubeconfig)
+        except kube.KubeconfigError as e:
+            log.error("kubeconfig: %s", e)
+            return 1
+    # Registry credentials are root's (mode 0600) and the CA store may be
+    # out of reach once confined: read both now.
+    try:
+        registries = registry_client(cfg)
+    except (OSError, image_auth.CredentialsError) as e:
+        log.error("registry credentials: %s", e)
+        return 1
     drop.drop(ident)
     confine(cfg)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
@@ -74,6 +120,8 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     client = Client(sock, spec)
+    # Pods pull through this (wired in with pod reconciliation).
+    images = Puller(PrivStore(client), registries)
     hello = client.call("Handshake", {"spec_version": spec.version, "spec_digest": spec.digest,
                                       "agent_version": __version__}).body
     facts = client.call("GetNodeFacts", {}).body
@@ -82,10 +130,37 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
              facts["cpus"], facts["memory_bytes"] >> 20, os.getuid())
     if not cfg.kubeconfig:
         log.info("no kubeconfig: standalone mode")
+    api = None
+    if boot is not None:
+        # TLS bootstrap (agent/bootstrap.py): blocks until there is a client
+        # certificate; the kubeconfig the parent wrote names it, and both
+        # are this user's files, so they are read after the drop.
+        try:
+            path = bootstrap.ensure_client_credentials(cfg, client, bootstrap=boot, stop=stop)
+            api = kube.api_client(kube.load_kubeconfig(path))
+        except (bootstrap.BootstrapError, kube.KubeconfigError) as e:
+            if not stop.is_set():
+                log.error("TLS bootstrap: %s", e)
+                return 1
+        else:
+            log.info("using kubeconfig %s", path)
+            bootstrap.Rotator(cfg, client, lambda p: bootstrap.swap_credentials(api, p),
+                              stop).start()
+    if access is not None:
+        api = kube.api_client(access)
+    agent = None
+    if api is not None:
+        log.info("joining the cluster at %s as node %s", api.configuration.host,
+                 cfg.node_name)
+        agent = node.NodeAgent(cfg, api, lambda: client.call("GetNodeFacts", {}).body,
+                               api.configuration.host, stop)
+        agent.start()
     seq = 0
     while not stop.wait(PING_EVERY):
         seq += 1
         client.call("Ping", {"seq": seq, "payload": b""}, timeout=PING_EVERY)
     log.info("agent stopping")
+    if agent is not None:
+        agent.close()
     client.close()
     return 0

@@ -28,6 +28,10 @@ class SandboxError(Exception):
     """The sandbox could not be applied (or not completely)."""
 
 
+class SandboxUnavailable(SandboxError):
+    """This system has no sandbox mechanism we can use: nothing was applied."""
+
+
 def current() -> ModuleType:
     """The platform module for the system we run on."""
     if sys.platform.startswith("openbsd"):

@@ -29,7 +29,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from pufflet.platform import (SandboxError, check_paths, fs_facts,
+from pufflet.platform import (SandboxError, SandboxUnavailable, check_paths, fs_facts,
                               uname_facts)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -140,14 +140,14 @@ def _syscall(nr: int, *args) -> int:
 def abi_version() -> int:
     """Landlock ABI of the running kernel; SandboxError if there is none."""
     if os.uname().machine.startswith("mips"):
-        raise SandboxError("landlock unavailable: syscall numbers for mips not known")
+        raise SandboxUnavailable("landlock unavailable: syscall numbers for mips not known")
     try:
         return _syscall(_NR_CREATE_RULESET, ctypes.c_void_p(None),
                         ctypes.c_size_t(0),
                         ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
     except OSError as e:
         # ENOSYS: not built in; EOPNOTSUPP: built in, not enabled (lsm=).
-        raise SandboxError(f"landlock unavailable: {e.strerror}") from None
+        raise SandboxUnavailable(f"landlock unavailable: {e.strerror}") from None
 
 
 def _threads() -> int:
@@ -207,7 +207,9 @@ def _add_rule(ruleset: int, path: str, perms: str, abi: int) -> None:
     try:
         # O_PATH: a handle on the inode that needs no read permission.
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        # Missing, or out of reach of this uid anyway: there is nothing
+        # to grant, as unveil(2) of such a path grants nothing usable.
         return
     except OSError as e:
         raise SandboxError(f"{path}: {e.strerror}") from None
@@ -264,6 +266,48 @@ def memtotal() -> int:
     raise OSError(errno.ENOENT, "no MemTotal in /proc/meminfo")
 
 
+def meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as bytes by field; proc(5): "<n> kB" means KiB."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        words = rest.split()
+        if sep and words and words[0].isdigit():
+            out[key] = int(words[0]) * (1024 if words[1:] == ["kB"] else 1)
+    return out
+
+
+def memavailable() -> int:
+    """MemAvailable: the kernel's estimate of memory a new workload can get
+    without swapping (page cache and reclaimable slab included), which is
+    what memory.available means to the kubelet's eviction too."""
+    info = meminfo(_read("/proc/meminfo"))
+    if "MemAvailable" in info:
+        return info["MemAvailable"]
+    # Before 3.14 there was no estimate: free plus page cache is close.
+    return info.get("MemFree", 0) + info.get("Cached", 0)
+
+
+def processes() -> int:
+    """Tasks in existence: the total after the '/' in /proc/loadavg's
+    fourth field (proc(5)). Threads count, as each takes a pid from
+    pid_max; this is the figure the kubelet's pid.available compares."""
+    field = _read("/proc/loadavg").split()[3]
+    return int(field.partition("/")[2])
+
+
+def max_processes() -> int:
+    """The most tasks the kernel will create: the lower of pid_max and
+    threads-max, as the kubelet's pidlimit takes it (proc_sys_kernel(5))."""
+    limits = []
+    for path in ("/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"):
+        try:
+            limits.append(int(_read(path).strip()))
+        except (OSError, ValueError):
+            continue
+    return min(limits) if limits else 0
+
+
 def machine_id() -> str:
     # machine-id(5); dbus kept its own copy before systemd.
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
@@ -285,6 +329,9 @@ def node_facts(state_dir: str) -> dict:
     facts["boot_id"] = _read("/proc/sys/kernel/random/boot_id").strip()
     facts["machine_id"] = machine_id()
     facts.update(fs_facts(state_dir))
+    facts["memory_available_bytes"] = memavailable()
+    facts["processes"] = processes()
+    facts["max_processes"] = max_processes()
     return facts
 
 

@@ -93,10 +93,14 @@ def sandbox(paths: Sequence[tuple[str, str]], promises: str,
 
 # ---- sysctl(2) -----------------------------------------------------------
 
-# MIB numbers from <sys/sysctl.h>: CTL_KERN 1, CTL_HW 6; KERN_BOOTTIME 21;
-# HW_UUID 18, HW_PHYSMEM64 19, HW_NCPUONLINE 25.
+# MIB numbers from <sys/sysctl.h>: CTL_KERN 1, CTL_VM 2, CTL_HW 6;
+# KERN_MAXPROC 6, KERN_BOOTTIME 21, KERN_NPROCS 47; HW_UUID 18,
+# HW_PHYSMEM64 19, HW_NCPUONLINE 25. From <uvm/uvmexp.h>: VM_UVMEXP 4.
 _MIBS = {
+    "kern.maxproc": (1, 6),     # int
     "kern.boottime": (1, 21),   # struct timeval
+    "kern.nprocs": (1, 47),     # int
+    "vm.uvmexp": (2, 4),        # struct uvmexp
     "hw.uuid": (6, 18),         # string; absent on machines without one
     "hw.physmem64": (6, 19),    # int64_t
     "hw.ncpuonline": (6, 25),   # int
@@ -148,6 +152,34 @@ def boottime(*, libc=None) -> tuple[int, int]:
     return tv.tv_sec, tv.tv_usec
 
 
+# vm.uvmexp (sysctl(2): VM_UVMEXP "returns the uvmexp structure"; the
+# counters are described in uvm_init(9), uvm(9) before 7.x) starts with these ints,
+# in this order, on every release and platform: pagesize, pagemask,
+# pageshift, npages, free, active, inactive.  The rest of the struct grows
+# over releases, so we ask for more than it holds and read only the head.
+_UVMEXP_HEAD = 7
+_UVMEXP_ASK = 4096
+
+
+def uvmexp_head(*, libc=None) -> dict[str, int]:
+    raw = sysctl_raw("vm.uvmexp", _UVMEXP_ASK, libc=libc)
+    n = ctypes.sizeof(ctypes.c_int) * _UVMEXP_HEAD
+    if len(raw) < n:
+        raise OSError(errno.EINVAL, f"sysctl vm.uvmexp: {len(raw)} bytes, want {n}")
+    head = (ctypes.c_int * _UVMEXP_HEAD).from_buffer_copy(raw[:n])
+    names = ("pagesize", "pagemask", "pageshift", "npages", "free",
+             "active", "inactive")
+    return dict(zip(names, head))
+
+
+def memory_available(*, libc=None) -> int:
+    """Free plus inactive pages: the inactive ones are clean or cleanable
+    and are what the page daemon gives back first, as MemAvailable on
+    Linux counts reclaimable cache (top(1) shows the same two figures)."""
+    u = uvmexp_head(libc=libc)
+    return max(u["free"] + u["inactive"], 0) * u["pagesize"]
+
+
 # A fixed namespace so the same boot always gives the same id.
 _BOOT_NS = uuid.UUID("cd1d48af-1448-42a4-8c51-20cac52c285b")
 
@@ -179,6 +211,9 @@ def node_facts(state_dir: str, *, libc=None, uname=None) -> dict:
     except OSError:
         facts["machine_id"] = ""   # no SMBIOS/firmware UUID on this machine
     facts.update(fs_facts(state_dir))
+    facts["memory_available_bytes"] = memory_available(libc=libc)
+    facts["processes"] = _sysctl_int("kern.nprocs", ctypes.c_int, libc)
+    facts["max_processes"] = _sysctl_int("kern.maxproc", ctypes.c_int, libc)
     return facts
 
 

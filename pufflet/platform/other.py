@@ -7,13 +7,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pufflet.platform import SandboxError, check_paths, fs_facts, uname_facts
+from pufflet.platform import SandboxUnavailable, check_paths, fs_facts, uname_facts
 
 
 def sandbox(paths: Sequence[tuple[str, str]], promises: str,
             execpromises: str | None = None) -> None:
     check_paths(paths)
-    raise SandboxError(f"no sandbox on {sys.platform}")
+    raise SandboxUnavailable(f"no sandbox on {sys.platform}")
 
 
 def _sysconf(name: str) -> int:
@@ -33,6 +33,12 @@ def node_facts(state_dir: str) -> dict:
     facts["boot_id"] = ""
     facts["machine_id"] = ""
     facts.update(fs_facts(state_dir))
+    # SC_AVPHYS_PAGES (free pages, caches not counted) is the closest
+    # portable figure; processes and their limit are unknown here: 0, so
+    # no PID pressure is ever reported.
+    facts["memory_available_bytes"] = _sysconf("SC_AVPHYS_PAGES") * _sysconf("SC_PAGE_SIZE")
+    facts["processes"] = 0
+    facts["max_processes"] = 0
     return facts
 
 

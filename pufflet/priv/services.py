@@ -11,6 +11,9 @@ from typing import Callable, Iterator
 
 from pufflet import __version__, platform
 from pufflet.config import Config
+from pufflet.priv import pki
+from pufflet.privsep import drop
+from pufflet.priv.images_rpc import ImageRPC
 from pufflet.privsep.channel import Status
 from pufflet.privsep.spec import Spec
 
@@ -22,6 +25,7 @@ class Services:
         self.cfg = cfg
         self.spec = spec
         self.greeted = False
+        self.images = ImageRPC(self._open_image_store)
 
     def table(self) -> dict[str, Callable]:
         gated = {
@@ -29,7 +33,11 @@ class Services:
             "GetNodeFacts": self.node_facts,
             "OpenLog": self.open_log,
             "WatchTicks": self.ticks,
+            "CreateClientCSR": self.create_client_csr,
+            "StoreClientCert": self.store_client_cert,
+            "GetClientCertInfo": self.client_cert_info,
         }
+        gated.update(self.images.table())
         table = {name: self._after_handshake(fn) for name, fn in gated.items()}
         table["Handshake"] = self.handshake
         return table
@@ -49,6 +57,12 @@ class Services:
         self.greeted = True
         return {"spec_version": self.spec.version, "priv_version": __version__,
                 "node_name": self.cfg.node_name}
+
+    def _open_image_store(self):
+        # Imported here: the store pulls in the unpacker, which only the
+        # parent needs, and only once images are asked for.
+        from pufflet.priv.imagestore import Store
+        return Store(os.path.join(self.cfg.state_dir, "images"))
 
     def ping(self, body: dict, fds: list[int]) -> dict:
         return body
@@ -70,3 +84,22 @@ class Services:
     def ticks(self, body: dict, fds: list[int]) -> Iterator[dict]:
         for n in range(body["count"]):
             yield {"n": n}
+
+    # -- TLS bootstrap: see priv/pki.py --------------------------------------
+
+    def create_client_csr(self, body: dict, fds: list[int]) -> dict:
+        return {"csr_pem": pki.create_csr(self.cfg)}
+
+    def store_client_cert(self, body: dict, fds: list[int]) -> dict:
+        try:
+            owner = drop.lookup(self.cfg.user)
+        except drop.DropError as e:
+            raise Status("FAILED_PRECONDITION", str(e)) from None
+        info = pki.store_cert(self.cfg, owner, body["cert_pem"])
+        return {"not_before": info.not_before, "not_after": info.not_after}
+
+    def client_cert_info(self, body: dict, fds: list[int]) -> dict:
+        info = pki.current_info(self.cfg)
+        if info is None:
+            return {"present": False, "not_before": 0, "not_after": 0}
+        return {"present": True, "not_before": info.not_before, "not_after": info.not_after}

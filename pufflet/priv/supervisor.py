@@ -18,6 +18,7 @@ from pufflet.config import Config
 from pufflet.privsep import drop
 from pufflet.privsep.channel import Server
 from pufflet.privsep.spec import Spec
+from pufflet.priv import pki
 from pufflet.priv.services import Services
 
 log = logging.getLogger("pufflet.priv")
@@ -86,6 +87,9 @@ class Supervisor:
 
     def _start_agent(self) -> None:
         cfg, ident, spec = self.cfg, self.ident, self.spec
+        # Before the fork: the agent's sandbox only covers files that exist
+        # when it is applied (see pki.refresh_kubeconfig).
+        pki.refresh_kubeconfig(cfg, ident)
 
         def child(sock: socket.socket) -> int:
             # The agent must not inherit the parent's signal plumbing.
@@ -191,6 +195,12 @@ class Supervisor:
             st = os.stat(path)
             if st.st_uid != 0:
                 raise SystemExit(f"{path}: must be owned by root")
+        # The agent must reach its client certificate under the state
+        # directory; pki.prepare opens exactly that much to its group.
+        try:
+            pki.prepare(self.cfg, self.ident)
+        except (OSError, pki.PkiError) as e:
+            raise SystemExit(f"{self.cfg.state_dir}: {e}") from None
 
     def run(self) -> int:
         self.prepare()
@@ -205,17 +215,27 @@ class Supervisor:
             timeout = None
             if self.restart_at is not None:
                 timeout = max(0.0, self.restart_at - time.monotonic())
-            for key, _ in self.sel.select(timeout):
+            # Streams in flight advance one frame per turn: do not sleep
+            # while one has more to send.
+            if self.server is not None and self.server.busy():
+                timeout = 0.0
+            events = self.sel.select(timeout)
+            for key, _ in events:
                 if key.data == "signal":
                     self._handle_signals()
                 elif key.data == "agent" and self.server is not None:
                     if not self.server.on_readable():
-                        log.warning("agent channel closed")
-                        self._drop_channel()
-                        # The agent is useless without its channel; its
-                        # death comes back here as SIGCHLD.
-                        if self.agent_pid:
-                            os.kill(self.agent_pid, signal.SIGKILL)
+                        self._lost_channel()
+            if not events and self.server is not None and not self.server.on_idle():
+                self._lost_channel()
+
+    def _lost_channel(self) -> None:
+        log.warning("agent channel closed")
+        self._drop_channel()
+        # The agent is useless without its channel; its death comes back
+        # here as SIGCHLD.
+        if self.agent_pid:
+            os.kill(self.agent_pid, signal.SIGKILL)
 
     def _shutdown(self) -> int:
         log.info("stopping")

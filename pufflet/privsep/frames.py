@@ -25,7 +25,7 @@ import msgpack
 
 from pufflet.privsep.spec import Spec
 
-if msgpack.version < (1, 0, 0):      # see Codec.decode: we rely on its defaults
+if msgpack.version < (1, 0, 0):      # Codec.decode relies on 1.x defaults
     raise ImportError("pufflet needs msgpack >= 1.0")
 _unpackb = msgpack.unpackb
 
@@ -134,20 +134,19 @@ def _retry(sock: socket.socket, op: Any, timeout: float | None,
 
 
 class Reader:
-    """Buffers bytes and fds from one socket and cuts them into frames.
+    """Reads bytes and fds from one socket and cuts them into frames.
 
     fds are queued in arrival order; each frame takes its declared count
     from the queue.  On a stream socket fds arrive no later than the bytes
     of their frame, so a frame whose fds are not yet queued is a lie.
-    Queued fds that no complete frame claimed once the buffer is empty were
+    Queued fds that no frame claimed once no partial frame is pending were
     never declared: they are closed.
     """
 
     def __init__(self, spec: Spec) -> None:
         self.max_frame = spec.limits.max_frame
         self.max_fds = spec.limits.max_fds
-        self._buf: bytes | bytearray = b""
-        self._pos = 0
+        self._pending = bytearray()     # the start of an incomplete frame
         self._fds: deque[int] = deque()
         # Room for more than max_fds so an over-long list is seen as such
         # (MSG_CTRUNC) rather than silently truncated by the kernel.
@@ -158,25 +157,52 @@ class Reader:
         self._inview = memoryview(self._in)
         self._iov = (self._in,)
 
-    def fill(self, sock: socket.socket) -> bool:
-        """One recvmsg; False at end of stream.  May raise BlockingIOError
-        on a non-blocking socket, OSError, or FrameError."""
+    def read(self, sock: socket.socket
+             ) -> list[tuple[bytearray, list[int]]] | None:
+        """One recvmsg; returns the frames it completed as (payload, fds),
+        or None at end of stream.  May raise BlockingIOError on a
+        non-blocking socket, OSError, or FrameError."""
         n, anc, mflags, _ = sock.recvmsg_into(self._iov, self._anc, _CLOEXEC)
         if anc or mflags & _CTRUNC:    # (Linux echoes MSG_CMSG_CLOEXEC)
             self._take_fds(anc, mflags)
         if not n:
-            return False
-        if self._pos == len(self._buf):     # nothing pending: the usual case
-            self._buf, self._pos = self._inview[:n].tobytes(), 0
+            return None
+        if self._pending:
+            self._pending += self._inview[:n]
+            buf = self._pending
         else:
-            if type(self._buf) is bytes:    # a frame spans reads: accumulate
-                self._buf = bytearray(memoryview(self._buf)[self._pos:])
-                self._pos = 0
-            elif self._pos > 65536:
-                del self._buf[:self._pos]
-                self._pos = 0
-            self._buf += self._inview[:n]
-        return True
+            buf = self._in              # the usual case: no copy to join
+        size = len(buf) if self._pending else n
+        frames = []
+        pos = 0
+        while size - pos >= _HLEN:
+            plen, nfds = _unpack_header(buf, pos)
+            if plen > self.max_frame:
+                raise FrameError(f"frame of {plen} bytes exceeds max_frame")
+            if nfds > self.max_fds:
+                raise FrameError(f"frame with {nfds} fds exceeds max_fds")
+            end = pos + _HLEN + plen
+            if end > size:
+                break
+            if nfds:
+                if nfds > len(self._fds):
+                    raise FrameError("frame declares fds that did not arrive")
+                fds = [self._fds.popleft() for _ in range(nfds)]
+            else:
+                fds = []
+            frames.append((buf[pos + _HLEN:end], fds))
+            pos = end
+        if pos == size:
+            if self._pending:
+                self._pending = bytearray()
+            if self._fds:   # came with bytes already consumed: undeclared
+                self.close()
+        elif pos or buf is self._in:
+            # Keep the incomplete frame.  Copied only when frames were cut
+            # from in front of it, so a frame trickling in byte by byte
+            # costs linear time, not quadratic.
+            self._pending = bytearray(memoryview(buf)[pos:size])
+        return frames
 
     def _take_fds(self, anc: list, mflags: int) -> None:
         for level, kind, cdata in anc:
@@ -191,35 +217,6 @@ class Reader:
             raise FrameError("fds truncated: peer sent too many")
         if len(self._fds) > 4 * self.max_fds:
             raise FrameError("too many fds queued")
-
-    def pop(self) -> tuple[bytes | bytearray, list[int]] | None:
-        """The next complete frame as (payload, fds), or None."""
-        buf, pos = self._buf, self._pos
-        size = len(buf)
-        if size - pos < _HLEN:
-            return None
-        n, nfds = _unpack_header(buf, pos)
-        if n > self.max_frame:
-            raise FrameError(f"frame of {n} bytes exceeds max_frame")
-        if nfds > self.max_fds:
-            raise FrameError(f"frame with {nfds} fds exceeds max_fds")
-        end = pos + _HLEN + n
-        if end > size:
-            return None
-        if nfds:
-            if nfds > len(self._fds):
-                raise FrameError("frame declares fds that did not arrive")
-            fds = [self._fds.popleft() for _ in range(nfds)]
-        else:
-            fds = []
-        payload = buf[pos + _HLEN:end]
-        if end == size:
-            self._buf, self._pos = b"", 0
-            if self._fds:       # attached to bytes already consumed, undeclared
-                self.close()
-        else:
-            self._pos = end
-        return payload, fds
 
     def close(self) -> None:
         fds = list(self._fds)

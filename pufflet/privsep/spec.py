@@ -100,7 +100,8 @@ class Spec:
     """A loaded, checked spec.  Immutable after load()."""
 
     def __init__(self, version: int, digest: str, limits: Limits,
-                 methods: dict[str, Method], messages: dict[str, Check]) -> None:
+                 methods: dict[str, Method],
+                 messages: dict[str, Check]) -> None:
         self.version = version
         self.digest = digest
         self.limits = limits
@@ -201,7 +202,8 @@ class _Compiler:
             raise self.fail(spot, f"expected a map, got {_typename(v)}")
         return v
 
-    def only_keys(self, d: dict, spot: str, allowed: set, required: set) -> None:
+    def only_keys(self, d: dict, spot: str, allowed: set,
+                  required: set) -> None:
         for k in d:
             if k not in allowed:
                 raise self.fail(spot, f"unknown key {k!r}")
@@ -241,7 +243,8 @@ class _Compiler:
                 "max_outstanding": 2 ** 20, "max_depth": 100}
         for k in keys:
             if not _is_int(d[k]) or not 1 <= d[k] <= tops[k]:
-                raise self.fail(f"limits.{k}", f"expected an int in 1..{tops[k]}")
+                raise self.fail(f"limits.{k}",
+                                f"expected an int in 1..{tops[k]}")
         return Limits(**{k: d[k] for k in keys})
 
     def method(self, name: Any, d: Any) -> Method:
@@ -305,12 +308,14 @@ class _Compiler:
         depth += 1
         if depth > self.max_depth:
             raise self.fail(f"messages.{name}",
-                            f"nests {depth} deep, max_depth is {self.max_depth}")
+                            f"nests {depth} deep, "
+                            f"max_depth is {self.max_depth}")
         self.active.pop()
         self.compiled[name] = (_message(name, compiled), depth)
         return self.compiled[name]
 
-    def field(self, d: Any, spot: str, extra: set = frozenset()) -> tuple[Check, int]:
+    def field(self, d: Any, spot: str,
+              extra: set = frozenset()) -> tuple[Check, int]:
         """Compile one field spec; returns (check, depth)."""
         d = self.need_map(d, spot)
         t = d.get("type")
@@ -353,7 +358,8 @@ class _Compiler:
             lo, hi = d["min"], d["max"]
             if not (type(lo) in (int, float) and type(hi) in (int, float)
                     and lo <= hi):
-                raise self.fail(spot, "min and max must be numbers, min <= max")
+                raise self.fail(spot, "min and max must be numbers, "
+                                      "min <= max")
             return _float(float(lo), float(hi)), 0
         if t == "enum":
             vals = d["values"]
@@ -397,41 +403,57 @@ def _message(name: str, fields: list[tuple[str, Check, bool]]) -> Check:
     allowed = frozenset(f for f, _, _ in fields)
     required = frozenset(f for f, _, opt in fields if not opt)
     exact = allowed == required
-    # Per field: (name, fast kind, type, lo, hi, full check, optional).  The
-    # common scalar cases are tested inline, saving a call per field; the
-    # full check runs only when that inline test fails (to raise the
-    # detailed error) or when there is none (patterns, containers).
-    items = tuple((f, *_fast(check), check, opt) for f, check, opt in fields)
+    # Required ints, strs without a pattern and bytes are tested inline,
+    # saving a call per field; the rest (and the detailed error when an
+    # inline test fails) go through the field's full check.
+    values = tuple((f, c.fast[2], c.fast[3]) for f, c, opt in fields
+                   if not opt and _fast(c)[0] == _VALUE)
+    lengths = tuple((f, c.fast[1], c.fast[3]) for f, c, opt in fields
+                    if not opt and _fast(c)[0] == _LENGTH)
+    others = tuple((f, check, opt) for f, check, opt in fields
+                   if opt or _fast(check)[0] == _CALL)
+    everything = tuple(fields)
 
-    def explain(v: dict) -> Invalid:
-        for k in v:
-            if k not in allowed:
-                return Invalid(f"unknown field {k!r}"[:200])
-        missing = sorted(required - v.keys())
-        e = Invalid("required field missing")
-        e.segments.append("." + missing[0])
-        return e
-
-    def check(v: Any) -> None:
+    def full(v: Any) -> None:
+        """The slow path: find the first fault and raise it."""
         if type(v) is not dict:
             raise Invalid(f"expected a map ({name}), got {_typename(v)}")
-        if not (v.keys() == required if exact else
-                required <= v.keys() <= allowed):
-            raise explain(v)
-        for fname, kind, ftype, lo, hi, fcheck, optional in items:
+        for k in v:
+            if k not in allowed:
+                raise Invalid(f"unknown field {k!r}"[:200])
+        for fname, fcheck, optional in everything:
             x = v.get(fname)
-            if kind == _VALUE:
-                if type(x) is ftype and lo <= x <= hi:
-                    continue
-            elif kind == _LENGTH:
-                if type(x) is ftype and len(x) <= hi:
-                    continue
             if x is None:
                 if optional:
                     continue
-                e = Invalid("required field is None")
+                e = Invalid("required field missing" if fname not in v
+                            else "required field is None")
                 e.segments.append("." + fname)
                 raise e
+            try:
+                fcheck(x)
+            except Invalid as e:
+                e.segments.append("." + fname)
+                raise
+
+    def check(v: Any) -> None:
+        if type(v) is not dict or not (v.keys() == required if exact else
+                                       required <= v.keys() <= allowed):
+            full(v)
+        for fname, lo, hi in values:
+            x = v[fname]
+            if type(x) is not int or x < lo or x > hi:
+                full(v)
+        for fname, ftype, hi in lengths:
+            x = v[fname]
+            if type(x) is not ftype or len(x) > hi:
+                full(v)
+        for fname, fcheck, optional in others:
+            x = v.get(fname)
+            if x is None:
+                if optional:
+                    continue
+                full(v)
             try:
                 fcheck(x)
             except Invalid as e:

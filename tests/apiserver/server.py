@@ -219,7 +219,11 @@ class _Handler(BaseHTTPRequestHandler):
         if auth.lower().startswith("bearer "):
             got = api.authn.from_token(auth[7:].strip())
             return authenticated(got[0]) if got else None
-        cert = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
+        try:
+            cert = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
+        except (AttributeError, ValueError, OSError):
+            # stop()/pause() cut the connection while this request was read
+            raise ConnectionResetError("connection closed by stop()") from None
         u = api.authn.from_cert(cert)
         return authenticated(u) if u else None
 

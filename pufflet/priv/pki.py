@@ -1,0 +1,448 @@
+"""The node's client certificate: key, CSR, certificate and kubeconfig.
+
+The agent talks to the API server but cannot exec or write files, so the
+parent does the file work of TLS bootstrap with openssl(1), which is in
+OpenBSD's base (LibreSSL) as in every Linux distribution (OpenSSL); only
+options both accept are used.  The agent is assumed compromised: it never
+chooses a path, a subject or a key, and what it hands back (a certificate
+from the API server) is checked before anything is written.
+
+Layout under the state directory (see prepare() for the modes):
+
+    pki/client-pending.key      key of the CSR in flight, root 0600
+    pki/client-<time>.pem       certificate(s) + key, agent user 0600
+    pki/client-current.pem      symlink to the one in use
+
+The private key leaves this process only as those files: it is never put in
+a frame or a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import calendar
+import logging
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from pufflet.config import Config
+from pufflet.privsep.channel import Status
+from pufflet.privsep.drop import Identity
+
+log = logging.getLogger("pufflet.priv.pki")
+
+PENDING = "client-pending.key"
+CURRENT = "client-current.pem"
+NODES_GROUP = "system:nodes"
+NODE_PREFIX = "system:node:"
+OPENSSL = "openssl"
+OPENSSL_TIMEOUT = 30.0
+# How many certificates a chain from the API server may hold: the signed
+# one first, then intermediates.
+MAX_CHAIN = 4
+# The bootstrap kubeconfig and the CA file it names are the admin's; a
+# kubeconfig is small, so anything much bigger is a mistake.
+MAX_KUBECONFIG = 1 << 20
+
+_PEM_CERT = re.compile(
+    r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----\r?\n?")
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z")
+
+
+class PkiError(Exception):
+    """openssl failed or its output was not what we asked for."""
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    not_before: int         # seconds since the epoch
+    not_after: int
+
+
+def pki_dir(cfg: Config) -> str:
+    return os.path.join(cfg.state_dir, "pki")
+
+
+def current_path(cfg: Config) -> str:
+    """What the kubeconfig names as client-certificate and client-key."""
+    return os.path.join(pki_dir(cfg), CURRENT)
+
+
+def prepare(cfg: Config, ident: Identity) -> None:
+    """Create pki/ before the agent exists: its sandbox only covers paths
+    that exist when it is applied.
+
+    The state directory becomes 0710 root:<agent group> and pki/ 0750
+    root:<agent group>: the agent may walk to its certificate and list pki/,
+    nobody else may even look, and only root may create or rename entries,
+    so the agent cannot plant a symlink for the parent to follow.  The files
+    themselves are the agent's, 0600."""
+    for path, mode in ((cfg.state_dir, 0o710), (pki_dir(cfg), 0o750)):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != 0:
+            raise PkiError(f"{path}: must be a directory owned by root")
+        if st.st_gid != ident.gid:
+            os.chown(path, 0, ident.gid)
+        if st.st_mode & 0o7777 != mode:
+            os.chmod(path, mode)
+
+
+# -- openssl -----------------------------------------------------------------
+
+def _openssl(*args: str, stdin: bytes | None = None) -> bytes:
+    # umask 077: a key openssl writes itself is never readable by others,
+    # not even for the moment before a chmod.
+    try:
+        p = subprocess.run([OPENSSL, *args], input=stdin, capture_output=True,
+                           timeout=OPENSSL_TIMEOUT, umask=0o077,
+                           env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PkiError(f"openssl {args[0]}: {e}") from None
+    if p.returncode != 0:
+        # First line only: enough to say why, and openssl never prints key
+        # material in its errors.
+        why = p.stderr.decode(errors="replace").strip().splitlines()
+        raise PkiError(f"openssl {args[0]} failed: {why[0] if why else p.returncode}")
+    return p.stdout
+
+
+def _subject(cfg: Config) -> tuple[str, set[str]]:
+    """-subj for our CSR, and the RDNs a certificate for it must carry."""
+    name = cfg.node_name
+    # The config checks node names; this check is what makes the -subj
+    # string safe to build, so it stays right here.
+    if len(name) > 253 or not _NODE_NAME.match(name):
+        raise Status("FAILED_PRECONDITION", f"node name {name!r} cannot go in a subject")
+    cn = NODE_PREFIX + name
+    return f"/O={NODES_GROUP}/CN={cn}", {f"CN={cn}", f"O={NODES_GROUP}"}
+
+
+def _cert_subject(pem: bytes) -> set[str]:
+    out = _openssl("x509", "-noout", "-subject", "-nameopt", "RFC2253", stdin=pem)
+    line = out.decode(errors="replace").strip()
+    if not line.startswith("subject="):
+        raise PkiError("openssl x509 printed no subject")
+    # RFC 2253 escapes ',' inside values as '\,'; a value with one cannot
+    # match ours, so splitting on ',' and comparing exactly is safe.
+    return {p.strip() for p in line[len("subject="):].split(",") if p.strip()}
+
+
+def _date(line: str, prefix: str) -> int:
+    # "notAfter=Jan  2 03:04:05 2026 GMT": the only form LibreSSL prints.
+    if not line.startswith(prefix):
+        raise PkiError(f"openssl x509 printed {line[:40]!r}, expected {prefix}")
+    try:
+        t = time.strptime(line[len(prefix):].strip(), "%b %d %H:%M:%S %Y GMT")
+    except ValueError:
+        raise PkiError(f"cannot read the date in {line[:60]!r}") from None
+    return calendar.timegm(t)
+
+
+def cert_info(pem: bytes) -> CertInfo:
+    """Validity of the first certificate in pem."""
+    out = _openssl("x509", "-noout", "-startdate", stdin=pem).decode(errors="replace").strip()
+    nb = _date(out, "notBefore=")
+    out = _openssl("x509", "-noout", "-enddate", stdin=pem).decode(errors="replace").strip()
+    return CertInfo(nb, _date(out, "notAfter="))
+
+
+def _cert_pubkey(pem: bytes) -> bytes:
+    return b"".join(_openssl("x509", "-noout", "-pubkey", stdin=pem).split())
+
+
+def _key_pubkey(path: str) -> bytes:
+    return b"".join(_openssl("pkey", "-in", path, "-pubout").split())
+
+
+# -- files ---------------------------------------------------------------------
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: str, data: bytes, owner: Identity) -> None:
+    """Create path (it must not exist), 0600, owned by owner, synced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.fchown(fd, owner.uid, owner.gid)
+        os.fchmod(fd, 0o600)        # whatever the umask said
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _replace(path: str, data: bytes, owner: Identity) -> None:
+    """Write-to-temp, fsync, rename: a crash leaves the old file or the new
+    one, never half of either."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        os.unlink(tmp)          # left by a crash of an earlier run
+    except FileNotFoundError:
+        pass
+    _write_new(tmp, data, owner)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def _read_small(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KUBECONFIG + 1)
+    except OSError as e:
+        raise Status("FAILED_PRECONDITION", f"{what} {path}: {e.strerror}") from None
+    if len(data) > MAX_KUBECONFIG:
+        raise Status("FAILED_PRECONDITION", f"{what} {path}: too big")
+    return data
+
+
+# -- the bootstrap kubeconfig ---------------------------------------------------
+
+def _bootstrap_cluster(cfg: Config) -> dict:
+    """The cluster entry of the bootstrap kubeconfig's current context, with
+    the CA made inline so the agent reads one file less."""
+    path = cfg.bootstrap_kubeconfig
+    if not path:
+        raise Status("FAILED_PRECONDITION", "no 'bootstrap kubeconfig' configured")
+    try:
+        doc = yaml.safe_load(_read_small(path, "bootstrap kubeconfig"))
+        contexts = {c["name"]: c["context"] for c in doc.get("contexts") or []}
+        clusters = {c["name"]: c["cluster"] for c in doc.get("clusters") or []}
+        if doc.get("current-context"):
+            context = contexts[doc["current-context"]]
+        elif len(contexts) == 1:
+            context = next(iter(contexts.values()))
+        else:
+            raise KeyError("current-context")
+        cluster = clusters[context["cluster"]]
+        server = cluster["server"]
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError) as e:
+        raise Status("FAILED_PRECONDITION",
+                     f"bootstrap kubeconfig {path}: no usable cluster ({e})") from None
+    if not isinstance(server, str) or not server.startswith("https://"):
+        raise Status("FAILED_PRECONDITION",
+                     f"bootstrap kubeconfig {path}: server must be an https:// URL")
+    out: dict = {"server": server}
+    if cluster.get("certificate-authority-data"):
+        out["certificate-authority-data"] = str(cluster["certificate-authority-data"])
+    elif cluster.get("certificate-authority"):
+        ca = os.path.join(os.path.dirname(path), str(cluster["certificate-authority"]))
+        out["certificate-authority-data"] = base64.b64encode(_read_small(ca, "CA file")).decode()
+    for key in ("tls-server-name", "insecure-skip-tls-verify"):
+        if key in cluster:
+            out[key] = cluster[key]
+    return out
+
+
+def _kubeconfig(cfg: Config) -> bytes:
+    cur = current_path(cfg)
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "default-cluster", "cluster": _bootstrap_cluster(cfg)}],
+        "users": [{"name": "default-auth",
+                   "user": {"client-certificate": cur, "client-key": cur}}],
+        "contexts": [{"name": "default-context",
+                      "context": {"cluster": "default-cluster", "user": "default-auth"}}],
+        "current-context": "default-context",
+    }
+    return yaml.safe_dump(doc, sort_keys=False).encode()
+
+
+def write_kubeconfig(cfg: Config, owner: Identity) -> None:
+    """Write cfg.kubeconfig only if it would change.  Not rewriting an
+    unchanged file matters: Landlock grants access to an inode, so a file
+    replaced by rename is out of the running agent's reach (unveil(2) names
+    paths, so OpenBSD does not care).  Renewals only move the symlink."""
+    if not cfg.kubeconfig:
+        raise Status("FAILED_PRECONDITION", "no 'kubeconfig' configured to write")
+    data = _kubeconfig(cfg)
+    try:
+        st = os.lstat(cfg.kubeconfig)
+        with open(cfg.kubeconfig, "rb") as f:
+            same = f.read(MAX_KUBECONFIG + 1) == data
+        if same and st.st_uid == owner.uid and st.st_mode & 0o7777 == 0o600:
+            return
+    except FileNotFoundError:
+        pass
+    _replace(cfg.kubeconfig, data, owner)
+    log.info("wrote kubeconfig %s", cfg.kubeconfig)
+
+
+def refresh_kubeconfig(cfg: Config, owner: Identity) -> None:
+    """Write the kubeconfig before each agent starts, even before there is a
+    certificate for it to name.  Its content does not depend on the
+    certificate, so StoreClientCert later finds it unchanged and leaves the
+    inode alone, and a Landlock-confined agent can read it (a file that did
+    not exist when the sandbox went on stays out of reach)."""
+    if not (cfg.kubeconfig and cfg.bootstrap_kubeconfig):
+        return
+    try:
+        write_kubeconfig(cfg, owner)
+    except (Status, OSError) as e:
+        log.warning("cannot write kubeconfig %s: %s", cfg.kubeconfig, e)
+
+
+# -- the three requests -----------------------------------------------------------
+
+def create_csr(cfg: Config) -> str:
+    """A new EC P-256 key in pki/client-pending.key and a PEM CSR for it.
+    A new key each time: a key is never reused across certificates."""
+    subj, _ = _subject(cfg)
+    d = pki_dir(cfg)
+    pending = os.path.join(d, PENDING)
+    tmp = pending + ".tmp"
+    try:
+        os.unlink(tmp)          # left by a crash of an earlier run
+    except FileNotFoundError:
+        pass
+    try:
+        # ecparam -genkey: what both LibreSSL and OpenSSL accept for an EC
+        # key (LibreSSL's genpkey has no EC parameter options in older
+        # releases).  -noout leaves the parameters out of the file.
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", tmp)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, pending)
+        _fsync_dir(d)
+        csr = _openssl("req", "-new", "-sha256", "-key", pending, "-subj", subj)
+    except PkiError as e:
+        for p in (tmp, pending):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        raise Status("INTERNAL", str(e)) from None
+    text = csr.decode("ascii", errors="replace")
+    if "-----BEGIN CERTIFICATE REQUEST-----" not in text:
+        raise Status("INTERNAL", "openssl req printed no CSR")
+    log.info("new key and CSR for %s", subj)
+    return text
+
+
+def _check_cert(cfg: Config, pem: bytes, pending: str) -> CertInfo:
+    blocks = _PEM_CERT.findall(pem.decode("ascii"))
+    if not blocks or len(blocks) > MAX_CHAIN or len("".join(blocks)) != len(pem):
+        raise Status("INVALID_ARGUMENT", "not a PEM certificate chain")
+    first = blocks[0].encode()
+    _, want = _subject(cfg)
+    try:
+        got = _cert_subject(first)
+        info = cert_info(first)
+        match = _cert_pubkey(first) == _key_pubkey(pending)
+    except PkiError as e:
+        raise Status("INVALID_ARGUMENT", f"not a certificate: {e}") from None
+    if got != want:
+        raise Status("INVALID_ARGUMENT",
+                     f"certificate subject {','.join(sorted(got))} is not "
+                     f"{','.join(sorted(want))}")
+    if not match:
+        raise Status("INVALID_ARGUMENT", "certificate is not for the pending key")
+    now = time.time()
+    if not info.not_before <= now < info.not_after:
+        raise Status("INVALID_ARGUMENT",
+                     f"certificate is not valid now (valid {info.not_before}..{info.not_after})")
+    return info
+
+
+def _new_name(d: str) -> str:
+    stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime())
+    for n in range(100):
+        name = f"client-{stamp}.pem" if n == 0 else f"client-{stamp}-{n}.pem"
+        if not os.path.lexists(os.path.join(d, name)):
+            return name
+    raise Status("RESOURCE_EXHAUSTED", "too many certificates this second")
+
+
+def store_cert(cfg: Config, owner: Identity, cert_pem: str) -> CertInfo:
+    """Check a certificate for the pending key, install it with the key as
+    client-<time>.pem, point client-current.pem at it, write the
+    kubeconfig.  On refusal nothing on disk changes."""
+    d = pki_dir(cfg)
+    pending = os.path.join(d, PENDING)
+    if not os.path.isfile(pending) or os.path.islink(pending):
+        raise Status("FAILED_PRECONDITION", "no CSR pending: call CreateClientCSR first")
+    pem = cert_pem.encode("ascii")
+    info = _check_cert(cfg, pem, pending)
+    if not pem.endswith(b"\n"):
+        pem += b"\n"
+    key = _read_small(pending, "pending key")
+    name = _new_name(d)
+    path = os.path.join(d, name)
+    # Build the kubeconfig first: if the bootstrap kubeconfig is unreadable
+    # we want to fail before touching anything.
+    _kubeconfig(cfg)
+    _write_new(path, pem + key, owner)
+    previous = None
+    cur = os.path.join(d, CURRENT)
+    try:
+        previous = os.readlink(cur)
+    except OSError:
+        pass
+    link = cur + ".tmp"
+    try:
+        os.unlink(link)
+    except FileNotFoundError:
+        pass
+    # A relative link, swapped in by rename: readers see the old pair or
+    # the new one, never a missing file.
+    os.symlink(name, link)
+    os.rename(link, cur)
+    os.unlink(pending)
+    _fsync_dir(d)
+    write_kubeconfig(cfg, owner)
+    _prune(d, keep={name, previous})
+    log.info("installed client certificate %s, valid until %s", name,
+             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.not_after)))
+    return info
+
+
+def _prune(d: str, keep: set[str | None]) -> None:
+    """Keep the current and the previous certificate, drop older ones: they
+    hold keys nothing will use again."""
+    for name in os.listdir(d):
+        if name.startswith("client-") and name.endswith(".pem") and name != CURRENT \
+                and name not in keep:
+            try:
+                os.unlink(os.path.join(d, name))
+            except OSError as e:
+                log.warning("cannot remove old certificate %s: %s", name, e.strerror)
+
+
+def current_info(cfg: Config) -> CertInfo | None:
+    """Validity of the certificate in use, None if there is none."""
+    cur = current_path(cfg)
+    try:
+        with open(cur, "rb") as f:
+            data = f.read(MAX_KUBECONFIG)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Status("UNAVAILABLE", f"{cur}: {e.strerror}") from None
+    # Only the certificate blocks go to openssl's stdin; the key stays put.
+    blocks = _PEM_CERT.findall(data.decode("ascii", errors="replace"))
+    if not blocks:
+        return None
+    try:
+        return cert_info(blocks[0].encode())
+    except PkiError as e:
+        raise Status("INTERNAL", str(e)) from None

@@ -103,6 +103,8 @@ class Config:
     lease_duration: int = 40
     registry_credentials: str | None = None   # docker config.json, read as root
     insecure_registries: tuple[str, ...] = ()  # host[:port] spoken to over plain HTTP
+    image_gc_high: int = 85     # % of the state filesystem: start removing images
+    image_gc_low: int = 80      # ... until usage is below this
 
 
 DEFAULT_TAINT = Taint("pufflet.io/openbsd", "true", "NoSchedule")
@@ -793,3 +795,17 @@ def _insecure_registry(p: _Parser, a: _Args) -> None:
     if host in have:
         raise _Error(f"duplicate insecure registry '{s}'")
     p.v["insecure_registries"] = have + (host,)
+
+
+@_statement("image gc", options=("high", "low"))
+def _image_gc(p: _Parser, a: _Args) -> None:
+    # The kubelet's --image-gc-high-threshold/--image-gc-low-threshold.
+    if not a.keyword("high"):
+        raise _Error("expected 'high' after 'image gc'")
+    high = a.number("a percentage", 0, 100)
+    if not a.keyword("low"):
+        raise _Error(f"expected 'low' after 'image gc high {high}'")
+    low = a.number("a percentage", 0, 100)
+    if low > high:
+        raise _Error(f"'image gc': low {low} is above high {high}")
+    p.v["image_gc_high"], p.v["image_gc_low"] = high, low

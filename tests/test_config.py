@@ -1164,6 +1164,25 @@ def test_registry_errors(text, line, fragment):
     check(text, line, fragment)
 
 
+def test_image_gc():
+    c = config.parse("node name n\nimage gc high 90 low 60\n")
+    assert (c.image_gc_high, c.image_gc_low) == (90, 60)
+    d = config.parse("node name n\n")
+    assert (d.image_gc_high, d.image_gc_low) == (85, 80)
+
+
+@pytest.mark.parametrize("text,line,fragment", [
+    ("node name n\nimage gc high 90", 2, "expected 'low' after 'image gc high 90'"),
+    ("node name n\nimage gc low 3", 2, "expected 'high' after 'image gc'"),
+    ("node name n\nimage gc high 70 low 90", 2, "low 90 is above high 70"),
+    ("node name n\nimage gc high 101 low 3", 2, "101 is out of range 0-100"),
+    ("image gc high 9 low 3\nimage gc high 8 low 3", 2, "duplicate 'image gc' statement"),
+    ("node name n\nimage", 2, "expected 'gc' after 'image'"),
+])
+def test_image_gc_errors(text, line, fragment):
+    check(text, line, fragment)
+
+
 def test_registry_errors_name_the_file(tmp_path):
     p = tmp_path / "pufflet.conf"
     p.write_text("node name n\n# registries\ninsecure registry 'x y'\n")

@@ -56,6 +56,9 @@ class Facts:
     def __call__(self):
         return {**self.client.call("GetNodeFacts", {}).body, **self.override}
 
+    def images(self):
+        return self.client.call("ListImages", {}).body["images"]
+
     def close(self):
         self.client.close()
 
@@ -69,7 +72,8 @@ def agents(api, tmp_path):
                            f"listen on * port 10251\n" + extra)
         access = kube.load_kubeconfig(str(api.kubeconfig(f"system:node:{name}")))
         facts = Facts(cfg)
-        a = node.NodeAgent(cfg, kube.api_client(access), facts, access.server)
+        a = node.NodeAgent(cfg, kube.api_client(access), facts, access.server,
+                           images=facts.images)
         a.test_facts = facts
         made.append(a)
         if start:
@@ -512,3 +516,25 @@ def test_daemon_joins_ready_within_5s(public_tmp):
         d.stop()
         api.stop()
     assert not api.bugs
+
+
+def test_status_lists_stored_images(api, agents, tmp_path):
+    """node.status.images comes from the parent's store: tag names plus the
+    digest reference, biggest first, and a new image is posted at once."""
+    import imagetools
+    from pufflet.priv.imagestore import Store
+
+    a = agents()
+    assert wait_until(lambda: ready(api))
+    assert get_node(api)["status"].get("images", []) == []
+    store = Store(str(tmp_path / "images"))
+    small = imagetools.add_image(store, "example.org/tools/small:1",
+                                 [imagetools.layer(("file", "a", "x"))])
+    big = imagetools.add_image(store, "example.org/tools/big:2",
+                               [imagetools.layer(("file", "b", "y" * 100000))])
+    a.wake.set()
+    assert wait_until(lambda: len(get_node(api)["status"].get("images", [])) == 2)
+    images = get_node(api)["status"]["images"]
+    assert images[0]["names"] == ["example.org/tools/big:2",
+                                  f"example.org/tools/big@{big.digest}"]
+    assert images[0]["sizeBytes"] == big.size > small.size == images[1]["sizeBytes"]

@@ -153,7 +153,8 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
         log.info("joining the cluster at %s as node %s", api.configuration.host,
                  cfg.node_name)
         agent = node.NodeAgent(cfg, api, lambda: client.call("GetNodeFacts", {}).body,
-                               api.configuration.host, stop)
+                               api.configuration.host, stop,
+                               lambda: client.call("ListImages", {}).body["images"])
         agent.start()
     seq = 0
     while not stop.wait(PING_EVERY):

@@ -34,6 +34,7 @@ from pufflet.agent import kube
 from pufflet.agent.arch import goarch
 from pufflet.agent.lease import LeaseKeeper
 from pufflet.config import Config
+from pufflet.images import reference
 
 log = logging.getLogger("pufflet.agent.node")
 
@@ -232,9 +233,32 @@ def conditions(cfg: Config, facts: dict, address: str | None,
     return out
 
 
+# The kubelet lists at most this many images in node status
+# (nodeStatusMaxImages), biggest first.
+MAX_STATUS_IMAGES = 50
+
+
+def node_images(images: list[dict]) -> list[dict[str, Any]]:
+    """status.images from the parent's image summaries: tag names and the
+    digest reference, as the kubelet reports repoTags and repoDigests."""
+    out = []
+    for im in sorted(images, key=lambda i: i["size"], reverse=True)[:MAX_STATUS_IMAGES]:
+        names = [n for n in im["names"] if "@" not in n]
+        for n in im["names"]:
+            try:
+                names.append(f"{reference.parse(n).name}@{im['digest']}")
+            except reference.ReferenceError:
+                continue
+        out.append({"names": list(dict.fromkeys(names)) or [im["digest"]],
+                    "sizeBytes": im["size"]})
+    return out
+
+
 def status(cfg: Config, facts: dict, address: str | None,
-           previous: dict[str, dict], now: str) -> dict[str, Any]:
+           previous: dict[str, dict], now: str,
+           images: list[dict] | None = None) -> dict[str, Any]:
     return {
+        "images": node_images(images or []),
         "capacity": capacity(cfg, facts),
         "allocatable": allocatable(cfg, facts),
         "conditions": conditions(cfg, facts, address, previous, now),
@@ -244,7 +268,8 @@ def status(cfg: Config, facts: dict, address: str | None,
     }
 
 
-def new_node(cfg: Config, facts: dict, address: str | None, now: str) -> dict[str, Any]:
+def new_node(cfg: Config, facts: dict, address: str | None, now: str,
+             images: list[dict] | None = None) -> dict[str, Any]:
     """The Node to create: labels and taints go only here (NodeRestriction
     forbids a node to change its taints later), status too, as the
     kubelet's initialNode does."""
@@ -252,7 +277,7 @@ def new_node(cfg: Config, facts: dict, address: str | None, now: str) -> dict[st
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": cfg.node_name, "labels": labels(cfg, facts)},
         "spec": {"taints": taints(cfg)} if cfg.taints else {},
-        "status": status(cfg, facts, address, {}, now),
+        "status": status(cfg, facts, address, {}, now, images),
     }
 
 
@@ -290,8 +315,10 @@ class NodeAgent:
     daemon threads: status (registration first), lease, watch."""
 
     def __init__(self, cfg: Config, api: k8s.ApiClient, facts: Callable[[], dict],
-                 server: str, stop: threading.Event | None = None) -> None:
+                 server: str, stop: threading.Event | None = None,
+                 images: Callable[[], list[dict]] | None = None) -> None:
         self.cfg = cfg
+        self.images = images or list
         self.name = cfg.node_name
         self.core = k8s.CoreV1Api(api)
         self.facts = facts
@@ -375,7 +402,7 @@ class NodeAgent:
         """Create our Node, or adopt the existing one of the same name."""
         facts = self.facts()
         address = self.address()
-        body = new_node(self.cfg, facts, address, now_rfc3339())
+        body = new_node(self.cfg, facts, address, now_rfc3339(), self.images())
         try:
             node = _call("create Node " + self.name,
                          lambda: self.core.create_node(body, _preload_content=False))
@@ -432,7 +459,8 @@ class NodeAgent:
         it was sent."""
         facts = self.facts()
         address = self.address()
-        st = status(self.cfg, facts, address, self.previous, now_rfc3339())
+        st = status(self.cfg, facts, address, self.previous, now_rfc3339(),
+                    self.images())
         key = without_heartbeats(st)
         due = time.monotonic() - self.posted_at >= self.cfg.status_report
         if not (force or due or key != self.posted_key):

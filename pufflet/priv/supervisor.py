@@ -29,6 +29,8 @@ BACKOFF_MAX = 30.0
 # backoff over instead of doubling it.
 STABLE_RUN = 60.0
 STOP_GRACE = 5.0
+# The kubelet's ImageGCPeriod.
+IMAGE_GC_PERIOD = 300.0
 
 # Fields the parent itself acts on with root: changing them under running
 # pods would orphan state, so SIGHUP leaves them alone.
@@ -53,6 +55,8 @@ class Supervisor:
         self.stopping = False
         self.pending: set[int] = set()
         self.reloading = False
+        self.next_gc = time.monotonic() + IMAGE_GC_PERIOD
+        self._store = None
 
     # -- signals ---------------------------------------------------------
 
@@ -212,9 +216,13 @@ class Supervisor:
             if self.restart_at is not None and not self.agent_pid \
                     and time.monotonic() >= self.restart_at:
                 self._start_agent()
-            timeout = None
+            now = time.monotonic()
+            if now >= self.next_gc:
+                self.collect_images()
+                self.next_gc = now + IMAGE_GC_PERIOD
+            timeout = self.next_gc - now
             if self.restart_at is not None:
-                timeout = max(0.0, self.restart_at - time.monotonic())
+                timeout = max(0.0, min(timeout, self.restart_at - now))
             # Streams in flight advance one frame per turn: do not sleep
             # while one has more to send.
             if self.server is not None and self.server.busy():
@@ -228,6 +236,27 @@ class Supervisor:
                         self._lost_channel()
             if not events and self.server is not None and not self.server.on_idle():
                 self._lost_channel()
+
+    def images_in_use(self) -> set[str]:
+        """Digests of images that running pods use: never collected.
+        No pods run yet (they arrive with the pods work), so none."""
+        return set()
+
+    def collect_images(self) -> list[str]:
+        """Image garbage collection, as the kubelet's image GC manager."""
+        from pufflet.priv.imagestore import ImageError, Store
+        try:
+            if self._store is None:
+                self._store = Store(os.path.join(self.cfg.state_dir, "images"))
+            removed = self._store.gc(self.cfg.image_gc_high, self.cfg.image_gc_low,
+                                     self.images_in_use())
+        except (OSError, ImageError) as e:
+            log.error("image garbage collection failed: %s", e)
+            return []
+        for digest in removed:
+            log.info("image %s removed: state file system above %d%%",
+                     digest, self.cfg.image_gc_high)
+        return removed
 
     def _lost_channel(self) -> None:
         log.warning("agent channel closed")

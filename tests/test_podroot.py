@@ -514,3 +514,24 @@ def test_pod_user_is_who_the_pod_is(image, public_tmp):
         return [users.get(str(os.getuid())), os.access("/tmp", os.W_OK),
                 os.access("/bin/tool", os.X_OK), os.access("/bin/tool", os.W_OK)]
     assert as_uid(UID_A, lookup, chroot=pr.path) == ["app", True, True, False]
+
+
+def test_unremovable_leftover_is_reported_and_others_swept(public_tmp, caplog):
+    """The stand-in for a file a pod made immutable (chflags uchg on OpenBSD):
+    chattr +i here.  remove() says which pod dir; sweep() goes on."""
+    pods = public_tmp / "pods"
+    stuck = pods / "stuck" / "root" / "tmp"
+    stuck.mkdir(parents=True)
+    (stuck / "f").write_text("x")
+    (pods / "gone" / "root").mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(stuck / "f")], capture_output=True).returncode:
+        pytest.skip("cannot make a file immutable here")
+    try:
+        with pytest.raises(PodRootError, match=f"{pods / 'stuck'}: cannot remove"):
+            podroot.remove(str(pods / "stuck"))
+        with caplog.at_level("WARNING", logger="pufflet.priv.podroot"):
+            assert podroot.sweep(str(pods), set()) == ["gone"]
+        assert "stuck: cannot remove leftover pod dir" in caplog.text
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck / "f")], check=True)
+    assert podroot.sweep(str(pods), set()) == ["stuck"]

@@ -56,10 +56,11 @@ _TS_RE = re.compile(rb"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
 # newline, so "$" in MULTILINE mode is the record's end.
 RECORD_RE = re.compile(rb"^(" + _TS + rb") (stdout|stderr) ([^ \n]*) ([^\n]*)$",
                        re.MULTILINE)
-# The same, capturing content only: the fastest path when nothing but the
-# text is wanted.
-CONTENT_RE = re.compile(rb"^" + _TS + rb" (?:stdout|stderr) [^ \n]* ([^\n]*)$",
-                        re.MULTILINE)
+# The content of F records only: the fastest path when nothing but the
+# text is wanted.  A block where it matches fewer lines than there are
+# holds P records or malformed lines and takes the slow path.
+CONTENT_F_RE = re.compile(rb"^" + _TS + rb" (?:stdout|stderr) F ([^\n]*)$", re.MULTILINE)
+TS_CONTENT_F_RE = re.compile(rb"^(" + _TS + rb") (?:stdout|stderr) F ([^\n]*)$", re.MULTILINE)
 _TS_ONLY_RE = re.compile(_TS)
 
 

@@ -34,7 +34,7 @@ import time
 from typing import Callable, Iterable, Iterator, Union
 
 from .format import (
-    CONTENT_RE, RECORD_RE, LogFormatError, fixed_timestamp, parse_line, parse_timestamp,
+    CONTENT_F_RE, RECORD_RE, TS_CONTENT_F_RE, LogFormatError, fixed_timestamp, parse_line, parse_timestamp,
     rotation_key,
 )
 
@@ -54,16 +54,22 @@ def container_log_files(directory: str, restart: int) -> list[str]:
     """The files of one container restart, oldest first: rotated ones by
     rotation time, then <restart>.log (listed even when it is missing for a
     moment, mid-rotation, so a follower waits for it)."""
-    base = f"{int(restart)}.log"
+    current = os.path.join(directory, f"{int(restart)}.log")
+    return _rotated_files(current) + [current]
+
+
+def _rotated_files(current: str) -> list[str]:
+    """Rotated files of the log file at current, oldest first."""
+    directory, base = os.path.split(current)
     prefix = base + "."
     rotated = []
-    for name in os.listdir(directory):
+    for name in os.listdir(directory or "."):
         if name.startswith(prefix):
             k = rotation_key(name[len(prefix):])
             if k is not None:
                 rotated.append((k, name))
     rotated.sort()
-    return [os.path.join(directory, n) for _, n in rotated] + [os.path.join(directory, base)]
+    return [os.path.join(directory, n) for _, n in rotated]
 
 
 def _since_ns(since: datetime.datetime) -> int:
@@ -158,9 +164,8 @@ class LogReader:
         self.done = False
         self.idle = False
         self.malformed = 0
+        # Files still to read, the one being read first.
         self._sources: list[_Source] = []
-        self._known: set[tuple[int, int]] = set()
-        self._cur = 0
         refs = list(files)
         # Only a path can be followed across a rotation; an fd is followed
         # as it grows.
@@ -174,7 +179,7 @@ class LogReader:
                         src = _Source(self._follow_path, None)  # appears later
                     else:
                         continue  # rotated away and removed meanwhile
-                self._add(src)
+                self._sources.append(src)
             if limit_bytes is not None and limit_bytes <= 0:
                 self.done = True
             elif tail_lines is not None and tail_lines >= 0:
@@ -186,16 +191,10 @@ class LogReader:
             self.close()
             raise
 
-    def _add(self, src: _Source) -> None:
-        self._sources.append(src)
-        if src.id is not None:
-            self._known.add(src.id)
-
     def close(self) -> None:
         for s in self._sources:
             s.close()
         self._sources = []
-        self._cur = 0
 
     def __enter__(self) -> "LogReader":
         return self
@@ -252,6 +251,14 @@ class LogReader:
         on that extra stretch end lines that are not wanted; the forward
         read skips that many.
         """
+        if n == 0:
+            # Follow from the end: past the newest whole record.
+            for idx, end, _ in self._backward():
+                self._start_at(idx, end)
+                return
+            if self._sources:
+                self._start_at(len(self._sources) - 1, 0)
+            return
         counted = 0
         open_: set[bytes] = set()
         seen: set[bytes] = set()
@@ -272,8 +279,6 @@ class LogReader:
             if counted < n:
                 counted += 1
                 open_.add(stream)
-                if n == 0:
-                    break
                 continue
             if stream in open_:
                 open_.discard(stream)
@@ -281,22 +286,17 @@ class LogReader:
                     start = (idx, end)
                     break
             skip += 1
-        if n == 0:
-            # Follow from the end: past the newest record, whatever stream.
-            for idx, end, _ in self._backward():
-                start = (idx, end)
-                break
-            if start is None:
-                start = (len(self._sources) - 1, 0) if self._sources else None
-            skip = 0
-        if start is None:
-            return  # fewer lines than asked for: everything
-        idx, off = start
+        # Ran out of records: start at the very beginning (skip is still
+        # right if n lines were counted but some began before everything).
+        self._skip = skip
+        if start is not None:
+            self._start_at(*start)
+
+    def _start_at(self, idx: int, off: int) -> None:
         for s in self._sources[:idx]:
             s.close()
         self._sources = self._sources[idx:]
         self._sources[0].offset = off
-        self._skip = skip
 
     # --- forward -------------------------------------------------------------
 
@@ -310,7 +310,6 @@ class LogReader:
                 return None
             st = os.fstat(src.fd)
             src.id = (st.st_dev, st.st_ino)
-            self._known.add(src.id)
         chunks = []
         off = src.offset
         eof = False
@@ -374,16 +373,22 @@ class LogReader:
         return recs
 
     def _process(self, data: bytes, torn: bool, out: list[bytes]) -> None:
-        if (self._all and not self._timestamps and self._since is None and not self._skip
-                and not self._pending and not torn
-                and b" P " not in data and b" P:" not in data):
-            # Only whole F lines and nothing to filter or prefix: let the
-            # regex engine do it all.
-            contents = CONTENT_RE.findall(data)
-            if len(contents) == data.count(b"\n"):
-                contents.append(b"")
-                out.append(b"\n".join(contents))
-                return
+        if (self._all and self._since is None and not self._skip and not self._pending
+                and not torn):
+            # Nothing to filter or join: if the block is all F records, the
+            # regex engine does (nearly) all the work.
+            if not self._timestamps:
+                contents = CONTENT_F_RE.findall(data)
+                if len(contents) == data.count(b"\n"):
+                    contents.append(b"")
+                    out.append(b"\n".join(contents))
+                    return
+            else:
+                pairs = TS_CONTENT_F_RE.findall(data)
+                if len(pairs) == data.count(b"\n"):
+                    prefix = self._ts_prefix
+                    out.append(b"".join([prefix(ts) + c + b"\n" for ts, c in pairs]))
+                    return
         recs = RECORD_RE.findall(data)
         if len(recs) != data.count(b"\n"):
             recs = self._careful(data)
@@ -466,31 +471,28 @@ class LogReader:
         new = _Source.open(self._follow_path)
         if new is None:
             return False
-        if new.id in self._known:
-            new.close()
-            return False
-        # A fast writer may have rotated more than once since we looked.
-        # Rotated files newer than the newest one we know were current
-        # before the file we just opened.
-        d, base = os.path.split(self._follow_path)
-        entries = []
-        for p in container_log_files(d or ".", int(base.split(".")[0]))[:-1]:
-            try:
-                s = os.stat(p)
-            except FileNotFoundError:
+        # A fast writer may have rotated more than once since we looked:
+        # the rotated files after ours were current in between.  Ours is
+        # found by inode, which cannot have been reused since we hold it
+        # open; if it is not listed it was removed as the oldest, and every
+        # rotated file left is newer.
+        queue = []
+        for p in _rotated_files(self._follow_path):
+            r = _Source.open(p)
+            if r is None:
                 continue
-            entries.append((p, (s.st_dev, s.st_ino)))
-        last = -1
-        for i, (_, fid) in enumerate(entries):
-            if fid in self._known:
-                last = i
-        for p, fid in entries[last + 1:]:
-            if fid == new.id:
+            if r.id == src.id:
+                for q in queue:
+                    q.close()
+                queue = []
+                r.close()
+            elif r.id == new.id:
+                r.close()  # rotated again already; found again next time
                 break
-            s = _Source.open(p)
-            if s is not None:
-                self._add(s)
-        self._add(new)
+            else:
+                queue.append(r)
+        self._sources.extend(queue)
+        self._sources.append(new)
         return True
 
     def poll(self, final: bool = False) -> bytes:
@@ -502,14 +504,14 @@ class LogReader:
         budget = 4 * self._block
         self.idle = False
         while budget > 0:
-            if self._cur >= len(self._sources):
+            if not self._sources:
                 if final:
                     self._finish(out)
                 else:
                     self.idle = True
                 break
-            src = self._sources[self._cur]
-            last = self._cur == len(self._sources) - 1
+            src = self._sources[0]
+            last = len(self._sources) == 1
             got = self._read(src, allow_torn=final or not last)
             if got is not None:
                 self._process(got[0], got[1], out)
@@ -522,7 +524,7 @@ class LogReader:
                 # which is why rotation is checked only at the end of the
                 # newest: nothing written before a rename is skipped.
                 src.close()
-                self._cur += 1
+                del self._sources[0]
                 continue
             if self._follow and self._rotated(src):
                 continue

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -52,6 +53,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 __all__ = ["PodRoot", "PodRootError", "build", "remove", "sweep"]
+
+log = logging.getLogger("pufflet.priv.podroot")
 
 # O_NONBLOCK: should a name turn out to be a fifo, fail with ENOTDIR, never wait.
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -142,12 +145,13 @@ def build(image_rootfs: str, pod_dir: str, uid: int, gid: int, *, hostname: str,
             made = True
             rfd = os.open(BUILDING, _DIR, dir_fd=pfd)
             try:
+                # First: on BSD everything made below takes this group.
+                os.fchown(rfd, 0, 0)
                 b = _Builder(image_rootfs, rfd)
                 b.tree(sfd, rfd, "", 0)
                 b.tmp(rfd)
                 reason, devices = _dev(rfd, pod_dir, dev)
                 b.etc(sfd, rfd, hosts, resolv_conf, uid, gid, user_name)
-                os.fchown(rfd, 0, 0)
                 os.fchmod(rfd, 0o755)       # whatever the image said: pods must enter /
             finally:
                 os.close(rfd)
@@ -177,16 +181,22 @@ def remove(pod_dir: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise PodRootError(f"{pod_dir}: is not a directory, not removing it")
     parent, name = os.path.split(os.path.abspath(pod_dir))
-    pfd = os.open(parent, _DIR)
     try:
-        _remove_at(pfd, name)
-    finally:
-        os.close(pfd)
+        pfd = os.open(parent, _DIR)
+        try:
+            _remove_at(pfd, name)
+        finally:
+            os.close(pfd)
+    except OSError as e:
+        # On OpenBSD a pod may chflags(2) its own files uchg; root can clear
+        # that, but only by path, which this code will not follow.  Say so.
+        raise PodRootError(f"{pod_dir}: cannot remove: {e}") from None
 
 
 def sweep(pods_root: str, keep: Iterable[str]) -> list[str]:
     """Remove every entry of pods_root not named in keep (leftovers of pods
-    that ended while pufflet was down).  Returns the names removed."""
+    that ended while pufflet was down).  Returns the names removed; one
+    that cannot be removed is logged and left."""
     keep = set(keep)
     try:
         fd = os.open(pods_root, _DIR)
@@ -196,7 +206,14 @@ def sweep(pods_root: str, keep: Iterable[str]) -> list[str]:
     try:
         for name in sorted(os.listdir(fd)):
             if name not in keep:
-                _remove_at(fd, name)
+                try:
+                    _remove_at(fd, name)
+                except OSError as e:
+                    # One stuck leftover must not keep the others, or the
+                    # daemon, from starting: say so and go on.
+                    log.warning("%s/%s: cannot remove leftover pod dir: %s",
+                                pods_root, name, e)
+                    continue
                 removed.append(name)
     finally:
         os.close(fd)

@@ -404,3 +404,52 @@ def test_client_invalid_response_and_eof(test_spec):
 
 def read_frame_request(sock):
     return read_frame(sock)[0]
+
+
+def test_parked_stream_waits_for_wake(test_spec):
+    """An event feed yields None when it has nothing: the stream parks, the
+    server is not busy (its loop may sleep), and wake() resumes it."""
+    events: list[int] = []
+
+    def feed(body, fds):
+        sent = 0
+        while sent < body["count"]:
+            if sent < len(events):
+                yield {"n": events[sent]}
+                sent += 1
+            else:
+                yield None
+
+    mine, theirs = socket.socketpair()
+    server = Server(theirs, test_spec, {"WatchTicks": feed}, logging.getLogger("t"))
+    client = Client(mine, test_spec)
+    got: list[int] = []
+    reader = threading.Thread(
+        target=lambda: got.extend(r.body["n"] for r in client.stream("WatchTicks", {"count": 2})))
+    reader.start()
+    assert wait_for(lambda: server.on_readable() and server._streams)
+    server.on_idle()
+    assert not server.busy() and got == []
+    events.append(7)
+    server.on_idle()
+    assert got == [], "a parked stream must not be polled before wake()"
+    server.wake()
+    assert server.busy()
+    server.on_idle()
+    events.append(8)
+    server.wake()
+    server.on_idle()
+    server.on_idle()        # the final frame
+    reader.join(5)
+    assert got == [7, 8] and not server._streams
+    client.close()
+    server.close()
+
+
+def wait_for(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False

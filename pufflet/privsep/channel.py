@@ -433,14 +433,23 @@ class Server:
         self._send_timeout = send_timeout
         # Streams in flight: id -> (method, iterator, request fds).
         self._streams: dict[int, tuple[Method, Iterator, list[int]]] = {}
+        # Streams whose iterator last yielded None: nothing to send until
+        # wake() says the source has news, so the loop may sleep.
+        self._parked: set[int] = set()
         self._rejected = 0
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
     def busy(self) -> bool:
-        """True while streams are in flight."""
-        return bool(self._streams)
+        """True while a stream has frames to send (so the loop must not
+        sleep); parked streams wait for wake()."""
+        return len(self._streams) > len(self._parked)
+
+    def wake(self) -> None:
+        """Something a parked stream waits for happened: poll them all
+        again on the next turn."""
+        self._parked.clear()
 
     def on_readable(self) -> bool:
         """Read once, answer every complete frame, advance streams.
@@ -489,7 +498,7 @@ class Server:
         p = select.poll()
         p.register(self._sock.fileno(), select.POLLIN)
         while True:
-            ready = p.poll(0 if self._streams else None)
+            ready = p.poll(0 if self.busy() else None)
             if not (self.on_readable() if ready else self.on_idle()):
                 break
         self.close()
@@ -557,6 +566,8 @@ class Server:
 
     def _advance(self) -> None:
         for rid, (m, it, _) in list(self._streams.items()):
+            if rid in self._parked:
+                continue
             try:
                 item = next(it)
             except StopIteration:
@@ -571,10 +582,16 @@ class Server:
                 self._final(rid, "INTERNAL", f"{m.name} failed: "
                                              f"{type(e).__name__}")
             else:
-                if not self._respond(rid, m, item, True):
+                if item is None:
+                    # A stream with nothing to say yet (an event feed)
+                    # yields None rather than block the single-threaded
+                    # priv; it is parked until wake().
+                    self._parked.add(rid)
+                elif not self._respond(rid, m, item, True):
                     self._end(rid)      # the INTERNAL answer was final
 
     def _end(self, rid: int) -> None:
+        self._parked.discard(rid)
         _, it, fds = self._streams.pop(rid)
         close_fds(fds)
         close = getattr(it, "close", None)     # a generator's finally blocks

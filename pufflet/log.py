@@ -44,13 +44,30 @@ def setup(foreground: bool, verbose: int) -> None:
         handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("pufflet[%(process)d] %(role)s: %(message)s"))
     else:
-        # LOG_NDELAY connects now, before the agent loses the right to.
-        syslog.openlog("pufflet", syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_DAEMON)
+        _open_syslog()
         handler = SyslogHandler()
         handler.setFormatter(logging.Formatter("%(role)s: %(message)s"))
     handler.addFilter(_RoleFilter())
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
+
+
+def _open_syslog() -> None:
+    global _syslog
+    # LOG_NDELAY connects now, before the agent loses the right to.
+    syslog.openlog("pufflet", syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_DAEMON)
+    _syslog = True
+
+
+_syslog = False
+
+
+def reopen() -> None:
+    """After a child closed every inherited fd: drop syslog(3)'s dead
+    descriptor before anything reuses its number, and connect anew."""
+    if _syslog:
+        syslog.closelog()
+        _open_syslog()
 
 
 def set_role(role: str) -> None:

@@ -52,7 +52,7 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["PodRoot", "PodRootError", "build", "remove", "sweep"]
+__all__ = ["PodRoot", "PodRootError", "ImageConflict", "build", "remove", "sweep"]
 
 log = logging.getLogger("pufflet.priv.podroot")
 
@@ -89,6 +89,10 @@ class PodRootError(Exception):
     """A pod root cannot be built or removed; the message says why."""
 
 
+class ImageConflict(PodRootError):
+    """Two images of one pod provide one path with different content."""
+
+
 @dataclass(frozen=True)
 class PodRoot:
     path: str                       # <pod_dir>/root: what the pod chroots into
@@ -101,10 +105,18 @@ class PodRoot:
     copied: int                     # image files copied (EMLINK)
 
 
-def build(image_rootfs: str, pod_dir: str, uid: int, gid: int, *, hostname: str,
-          hosts_entries: Sequence[tuple[str, Sequence[str]]] = (), resolv_conf: str,
-          user_name: str = "pod", dev: bool = True) -> PodRoot:
-    """Build <pod_dir>/root from image_rootfs for a pod running as uid:gid.
+def build(image_rootfs: str | Sequence[str], pod_dir: str, uid: int, gid: int, *,
+          hostname: str, hosts_entries: Sequence[tuple[str, Sequence[str]]] = (),
+          resolv_conf: str, user_name: str = "pod", dev: bool = True) -> PodRoot:
+    """Build <pod_dir>/root from image_rootfs (one unpacked image, or a
+    list: every container image of the pod) for a pod running as uid:gid.
+
+    A pod runs in one root, since OpenBSD has no bind mounts to give each
+    container its own: the root is the union of the images.  Directories
+    merge; a path two images provide must be the very same file (the same
+    inode: a shared layer) or the same symlink, else ImageConflict.  The
+    first image that has /etc/passwd (or group) gives the base of the
+    pod's own.
 
     hosts_entries are (address, names) pairs for /etc/hosts (the pod's
     own address, hostAliases); hostname resolves to the loopback
@@ -117,6 +129,11 @@ def build(image_rootfs: str, pod_dir: str, uid: int, gid: int, *, hostname: str,
     if not _USER.match(user_name):
         raise PodRootError(f"invalid pod user name {user_name!r}")
     hosts = _hosts_file(hostname, hosts_entries)
+    images = [image_rootfs] if isinstance(image_rootfs, str) else list(image_rootfs)
+    # Two containers of one image: one pass over it is enough.
+    images = list(dict.fromkeys(os.path.realpath(i) for i in images))
+    if not images:
+        raise PodRootError("a pod root needs at least one image")
     if not isinstance(resolv_conf, str) or "\0" in resolv_conf \
             or len(resolv_conf) > _MAX_RESOLV:
         raise PodRootError("resolv.conf: not text, or too long")
@@ -129,17 +146,19 @@ def build(image_rootfs: str, pod_dir: str, uid: int, gid: int, *, hostname: str,
             raise PodRootError(f"{pod_dir}: already has a root; remove it first")
         except FileNotFoundError:
             pass
+        sfds: list[int] = []
         try:
-            sfd = os.open(image_rootfs, _DIR)
-        except OSError as e:
-            raise PodRootError(f"image root {image_rootfs}: {e.strerror}") from None
-        try:
-            if os.fstat(sfd).st_dev != os.fstat(pfd).st_dev:
-                raise PodRootError(
-                    f"image root {image_rootfs} and {pod_dir} are on different file "
-                    "systems: pod roots hard-link image files, so the image store and "
-                    "the pods directory must be on one file system (put both under "
-                    "the state directory)")
+            for image in images:
+                try:
+                    sfds.append(os.open(image, _DIR))
+                except OSError as e:
+                    raise PodRootError(f"image root {image}: {e.strerror}") from None
+                if os.fstat(sfds[-1]).st_dev != os.fstat(pfd).st_dev:
+                    raise PodRootError(
+                        f"image root {image} and {pod_dir} are on different file "
+                        "systems: pod roots hard-link image files, so the image store "
+                        "and the pods directory must be on one file system (put both "
+                        "under the state directory)")
             _clear_stale(pfd, BUILDING)
             os.mkdir(BUILDING, 0o700, dir_fd=pfd)
             made = True
@@ -147,16 +166,19 @@ def build(image_rootfs: str, pod_dir: str, uid: int, gid: int, *, hostname: str,
             try:
                 # First: on BSD everything made below takes this group.
                 os.fchown(rfd, 0, 0)
-                b = _Builder(image_rootfs, rfd)
-                b.tree(sfd, rfd, "", 0)
+                b = _Builder(images[0], rfd)
+                for image, sfd in zip(images, sfds):
+                    b.image = image
+                    b.tree(sfd, rfd, "", 0)
                 b.tmp(rfd)
                 reason, devices = _dev(rfd, pod_dir, dev)
-                b.etc(sfd, rfd, hosts, resolv_conf, uid, gid, user_name)
+                b.etc(sfds, rfd, hosts, resolv_conf, uid, gid, user_name)
                 os.fchmod(rfd, 0o755)       # whatever the image said: pods must enter /
             finally:
                 os.close(rfd)
         finally:
-            os.close(sfd)
+            for sfd in sfds:
+                os.close(sfd)
         os.rename(BUILDING, ROOT, src_dir_fd=pfd, dst_dir_fd=pfd)
         made = False
     except OSError as e:
@@ -248,22 +270,44 @@ class _Builder:
             path = f"{rel}/{name}" if rel else name
             # d_type tells dirs and symlinks apart without a stat.
             if e.is_symlink():
-                os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+                target = os.readlink(name, dir_fd=sfd)
+                try:
+                    os.symlink(target, name, dir_fd=dfd)
+                except FileExistsError:
+                    # An earlier image of the pod made it: fine if it is
+                    # the same link.
+                    if not _is_link_to(dfd, name, target):
+                        raise self.conflict(path) from None
             elif e.is_dir(follow_symlinks=False):
                 mode = stat.S_IMODE(e.stat(follow_symlinks=False).st_mode) & 0o755
-                os.mkdir(name, 0o700, dir_fd=dfd)
-                cfd = os.open(name, _DIR, dir_fd=dfd)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dfd)
+                    new = True
+                except FileExistsError:
+                    new = False     # merged: the first image's mode stays
+                try:
+                    cfd = os.open(name, _DIR, dir_fd=dfd)
+                except OSError as err:
+                    if err.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise self.conflict(path) from None
+                    raise
                 try:
                     sub = os.open(name, _DIR, dir_fd=sfd)
                     try:
                         self.tree(sub, cfd, path, depth + 1)
                     finally:
                         os.close(sub)
-                    os.fchmod(cfd, mode)    # last: 0500 dirs get filled too
+                    if new:
+                        os.fchmod(cfd, mode)    # last: 0500 dirs get filled too
                 finally:
                     os.close(cfd)
             else:
                 self.file(e, sfd, dfd, path)
+
+    def conflict(self, path: str) -> ImageConflict:
+        return ImageConflict(
+            f"images of this pod conflict at /{path}: pufflet runs a pod in one "
+            "root (OpenBSD has no bind mounts)")
 
     def file(self, e: os.DirEntry, sfd: int, dfd: int, path: str) -> None:
         st = e.stat(follow_symlinks=False)
@@ -280,19 +324,30 @@ class _Builder:
                 "be writable by nobody else and carry no setuid/setgid bit")
         key = (st.st_dev, st.st_ino)
         copy = self.copies.get(key)
-        if copy is not None:
-            os.link(copy, e.name, src_dir_fd=self.root_fd, dst_dir_fd=dfd,
-                    follow_symlinks=False)
-            return
         try:
-            os.link(e.name, e.name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-            self.linked += 1
-        except OSError as err:
-            if err.errno != errno.EMLINK:
-                raise
-            _copy_file(sfd, dfd, e.name, stat.S_IMODE(st.st_mode))
-            self.copies[key] = path
-            self.copied += 1
+            if copy is not None:
+                os.link(copy, e.name, src_dir_fd=self.root_fd, dst_dir_fd=dfd,
+                        follow_symlinks=False)
+                return
+            try:
+                os.link(e.name, e.name, src_dir_fd=sfd, dst_dir_fd=dfd,
+                        follow_symlinks=False)
+                self.linked += 1
+            except OSError as err:
+                if err.errno != errno.EMLINK:
+                    raise
+                _copy_file(sfd, dfd, e.name, stat.S_IMODE(st.st_mode))
+                self.copies[key] = path
+                self.copied += 1
+        except FileExistsError:
+            # An earlier image of the pod has this path: only the very
+            # same file (a layer both share) is no conflict.
+            have = os.lstat(e.name, dir_fd=dfd)
+            if (have.st_dev, have.st_ino) == key or (
+                    copy is not None and
+                    os.path.samestat(have, os.lstat(copy, dir_fd=self.root_fd))):
+                return
+            raise self.conflict(path) from None
 
     def tmp(self, rfd: int) -> None:
         """/tmp: whatever the image had there, as a root-owned 1777 dir."""
@@ -309,8 +364,8 @@ class _Builder:
         finally:
             os.close(fd)
 
-    def etc(self, sfd: int, rfd: int, hosts: bytes, resolv: str, uid: int, gid: int,
-            user: str) -> None:
+    def etc(self, sfds: Sequence[int], rfd: int, hosts: bytes, resolv: str, uid: int,
+            gid: int, user: str) -> None:
         try:
             st = os.lstat("etc", dir_fd=rfd)
         except FileNotFoundError:
@@ -325,9 +380,9 @@ class _Builder:
         efd = os.open("etc", _DIR, dir_fd=rfd)
         try:
             shell = "/bin/sh" if _runnable(rfd, "/bin/sh") else "/sbin/nologin"
-            passwd = _amend(_image_etc(sfd, "passwd", self.image), user, uid,
+            passwd = _amend(self.first_etc(sfds, "passwd"), user, uid,
                             f"{user}:x:{uid}:{gid}:pufflet pod:/tmp:{shell}")
-            group = _amend(_image_etc(sfd, "group", self.image), user, gid,
+            group = _amend(self.first_etc(sfds, "group"), user, gid,
                            f"{user}:x:{gid}:")
             _write_new(efd, "hosts", hosts)
             _write_new(efd, "resolv.conf", resolv.encode())
@@ -335,6 +390,21 @@ class _Builder:
             _write_new(efd, "group", group)
         finally:
             os.close(efd)
+
+
+    def first_etc(self, sfds: Sequence[int], name: str) -> bytes:
+        for sfd in sfds:
+            text = _image_etc(sfd, name, self.image)
+            if text:
+                return text
+        return b""
+
+
+def _is_link_to(dfd: int, name: str, target: str) -> bool:
+    try:
+        return os.readlink(name, dir_fd=dfd) == target
+    except OSError:
+        return False
 
 
 def _copy_file(sfd: int, dfd: int, name: str, mode: int) -> None:

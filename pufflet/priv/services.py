@@ -18,14 +18,25 @@ from pufflet.privsep.channel import Status
 from pufflet.privsep.spec import Spec
 
 
+POD_METHODS = ("CreatePod", "SetVolume", "StartContainer", "SignalContainer",
+               "RemovePod", "ListPods", "WatchContainers", "StartExec")
+
+
+def _unavailable(body: dict, fds: list[int]):
+    raise Status("UNAVAILABLE", "this parent runs no pods")
+
+
 class Services:
     """One instance per agent connection: a new agent must greet again."""
 
-    def __init__(self, cfg: Config, spec: Spec) -> None:
+    def __init__(self, cfg: Config, spec: Spec, pods=None) -> None:
         self.cfg = cfg
         self.spec = spec
         self.greeted = False
         self.images = ImageRPC(self._open_image_store)
+        # The daemon's one PodRuntime (priv/pods.py), shared by every agent
+        # connection; None where nothing runs pods (some tests).
+        self.pods = pods
 
     def table(self) -> dict[str, Callable]:
         gated = {
@@ -38,6 +49,8 @@ class Services:
             "GetClientCertInfo": self.client_cert_info,
         }
         gated.update(self.images.table())
+        gated.update(self.pods.table() if self.pods is not None else
+                     {name: _unavailable for name in POD_METHODS})
         table = {name: self._after_handshake(fn) for name, fn in gated.items()}
         table["Handshake"] = self.handshake
         return table

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 
-from pufflet import config, platform
+from pufflet import config, log as plog, platform
 from pufflet.config import Config
 from pufflet.privsep import drop
 from pufflet.privsep.channel import Server
@@ -57,6 +57,9 @@ class Supervisor:
         self.reloading = False
         self.next_gc = time.monotonic() + IMAGE_GC_PERIOD
         self._store = None
+        # The pods (priv/pods.py): one for the daemon's life, made in run()
+        # once the state directory is there; every agent connection uses it.
+        self.pods = None
 
     # -- signals ---------------------------------------------------------
 
@@ -101,6 +104,18 @@ class Supervisor:
             for s in self._sigsock:
                 s.close()
             self.sel.close()
+            if self.pods is not None:
+                # Above all the logger's socket: the agent must not hand
+                # the root logger pipes of its own.
+                for fd in self.pods.private_fds():
+                    os.close(fd)
+            # And nothing else of the parent's: pidfds, image store locks,
+            # whatever a handler had open.  The Python objects that owned
+            # them are never used again in this process.
+            keep = sock.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+            plog.reopen()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             return self.agent_main(sock, cfg, spec, ident)
@@ -108,7 +123,8 @@ class Supervisor:
         self.agent_pid, sock = drop.spawn(child)
         self.agent_started = time.monotonic()
         self.restart_at = None
-        self.server = Server(sock, self.spec, Services(self.cfg, self.spec).table(),
+        self.server = Server(sock, self.spec,
+                             Services(self.cfg, self.spec, self.pods).table(),
                              logging.getLogger("pufflet.priv.rpc"))
         self.sel.register(self.server.fileno(), selectors.EVENT_READ, "agent")
         log.info("agent started, pid %d", self.agent_pid)
@@ -138,6 +154,10 @@ class Supervisor:
                 return
             if pid == self.agent_pid:
                 self._agent_exited(status)
+            elif self.pods is not None:
+                # A container or exec (whose status the pods need), or a
+                # helper of theirs: never dropped here.
+                self.pods.child_exited(pid, status)
 
     def _agent_exited(self, status: int) -> None:
         self.agent_pid = 0
@@ -206,8 +226,28 @@ class Supervisor:
         except (OSError, pki.PkiError) as e:
             raise SystemExit(f"{self.cfg.state_dir}: {e}") from None
 
+    def start_pods(self) -> None:
+        """Load the pods' state, re-adopt running containers, sweep what is
+        left of removed pods, connect to (or start) the container logger."""
+        from pufflet.priv.logger import LoggerError
+        from pufflet.priv.pods import PodRuntime
+        self.pods = PodRuntime(self.cfg, self._image_store)
+        self.pods.waker = self._wake_streams
+        self.pods.reaper = self._reap
+        self.sel.register(self.pods.fileno(), selectors.EVENT_READ, "pods")
+        try:
+            self.pods.logger.connect()
+        except (OSError, LoggerError) as e:
+            # Tried again at the first container start.
+            log.error("container logger: %s", e)
+
+    def _wake_streams(self) -> None:
+        if self.server is not None:
+            self.server.wake()
+
     def run(self) -> int:
         self.prepare()
+        self.start_pods()
         self._install_signals()
         self.restart_at = time.monotonic()
         while True:
@@ -231,6 +271,8 @@ class Supervisor:
             for key, _ in events:
                 if key.data == "signal":
                     self._handle_signals()
+                elif key.data == "pods":
+                    self.pods.poll()
                 elif key.data == "agent" and self.server is not None:
                     if not self.server.on_readable():
                         self._lost_channel()
@@ -238,17 +280,20 @@ class Supervisor:
                 self._lost_channel()
 
     def images_in_use(self) -> set[str]:
-        """Digests of images that running pods use: never collected.
-        No pods run yet (they arrive with the pods work), so none."""
-        return set()
+        """Digests of images that pods use: never collected."""
+        return self.pods.images_in_use() if self.pods is not None else set()
+
+    def _image_store(self):
+        from pufflet.priv.imagestore import Store
+        if self._store is None:
+            self._store = Store(os.path.join(self.cfg.state_dir, "images"))
+        return self._store
 
     def collect_images(self) -> list[str]:
         """Image garbage collection, as the kubelet's image GC manager."""
-        from pufflet.priv.imagestore import ImageError, Store
+        from pufflet.priv.imagestore import ImageError
         try:
-            if self._store is None:
-                self._store = Store(os.path.join(self.cfg.state_dir, "images"))
-            removed = self._store.gc(self.cfg.image_gc_high, self.cfg.image_gc_low,
+            removed = self._image_store().gc(self.cfg.image_gc_high, self.cfg.image_gc_low,
                                      self.images_in_use())
         except (OSError, ImageError) as e:
             log.error("image garbage collection failed: %s", e)
@@ -277,4 +322,9 @@ class Supervisor:
             log.warning("agent did not stop in %.0fs; killing it", STOP_GRACE)
             os.kill(self.agent_pid, signal.SIGKILL)
             os.waitpid(self.agent_pid, 0)
+        # Pods and the container logger keep running (each in a session of
+        # its own, so this stop never reaches them); the next start
+        # re-adopts the pods and reconnects to the logger.
+        if self.pods is not None:
+            self.pods.close()
         return 0

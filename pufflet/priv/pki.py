@@ -32,6 +32,7 @@ import yaml
 
 from pufflet.config import Config
 from pufflet.privsep.channel import Status
+from pufflet.priv.statefile import fsync_dir
 from pufflet.privsep.drop import Identity
 
 log = logging.getLogger("pufflet.priv.pki")
@@ -162,14 +163,6 @@ def _key_pubkey(path: str) -> bytes:
 
 # -- files ---------------------------------------------------------------------
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new(path: str, data: bytes, owner: Identity) -> None:
     """Create path (it must not exist), 0600, owned by owner, synced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -202,7 +195,7 @@ def _replace(path: str, data: bytes, owner: Identity) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def _read_small(path: str, what: str) -> bytes:
@@ -323,7 +316,7 @@ def create_csr(cfg: Config) -> str:
         _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", tmp)
         os.chmod(tmp, 0o600)
         os.rename(tmp, pending)
-        _fsync_dir(d)
+        fsync_dir(d)
         csr = _openssl("req", "-new", "-sha256", "-key", pending, "-subj", subj)
     except PkiError as e:
         for p in (tmp, pending):
@@ -408,7 +401,7 @@ def store_cert(cfg: Config, owner: Identity, cert_pem: str) -> CertInfo:
     os.symlink(name, link)
     os.rename(link, cur)
     os.unlink(pending)
-    _fsync_dir(d)
+    fsync_dir(d)
     write_kubeconfig(cfg, owner)
     _prune(d, keep={name, previous})
     log.info("installed client certificate %s, valid until %s", name,

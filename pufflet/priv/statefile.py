@@ -36,7 +36,8 @@ def _tmp_prefix(path: str) -> str:
     return f".{os.path.basename(path)}{_TMP_MARK}"
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename or create in path durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -79,7 +80,7 @@ def write_json(path: str, obj: Any) -> None:
             raise StateError(f"{path}: cannot write state: {e.strerror}") from None
         raise
     try:
-        _fsync_dir(d)
+        fsync_dir(d)
     except OSError as e:
         raise StateError(f"{path}: written, but syncing {d} failed: {e.strerror}") from None
 

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 from pufflet import __version__, log as plog, platform
 from pufflet.config import Config
@@ -46,6 +47,9 @@ def sandbox_paths(cfg: Config) -> list[tuple[str, str]]:
     # Only with bootstrap: otherwise the agent has no business there.
     if cfg.kubeconfig and cfg.bootstrap_kubeconfig:
         paths.append((os.path.join(cfg.state_dir, "pki"), "r"))
+    # Static pod manifests (agent/staticpods.py), read again every 20 s.
+    if cfg.static_pod_dir:
+        paths.append((cfg.static_pod_dir, "r"))
     return paths
 
 
@@ -69,6 +73,19 @@ def registry_client(cfg: Config) -> registry.Client:
     return registry.Client(insecure=cfg.insecure_registries, keyring=keyring)
 
 
+def _cached(fn, ttl: float):
+    """fn's answer, asked again after ttl seconds: the node's address is
+    wanted at every pod status and costs a connect(2) to find."""
+    state: dict = {}
+
+    def get():
+        now = time.monotonic()
+        if "at" not in state or now - state["at"] > ttl:
+            state["value"], state["at"] = fn(), now
+        return state["value"]
+    return get
+
+
 def _watch_parent(parent: int) -> None:
     """The agent can do nothing alone: leave as soon as the parent is gone."""
     while True:
@@ -87,6 +104,10 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
         # before the drop and the sandbox, while its files are readable.
         import encodings.idna  # noqa: F401 - for a DNS name in a server URL
         from pufflet.agent import bootstrap, kube, node
+    # The pod workers, in every mode: static pods run standalone too.  Like
+    # everything the agent uses, imported before the drop.
+    from pufflet.agent import pods
+    from pufflet.agent.runtime import Runtime
     # The bootstrap kubeconfig holds root's token: read it while we still may.
     boot = None
     if cfg.kubeconfig and cfg.bootstrap_kubeconfig:
@@ -120,7 +141,7 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     client = Client(sock, spec)
-    # Pods pull through this (wired in with pod reconciliation).
+    # Pods pull through this (agent/pods.py).
     images = Puller(PrivStore(client), registries)
     hello = client.call("Handshake", {"spec_version": spec.version, "spec_digest": spec.digest,
                                       "agent_version": __version__}).body
@@ -156,11 +177,18 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
                                api.configuration.host, stop,
                                lambda: client.call("ListImages", {}).body["images"])
         agent.start()
+    manager = pods.PodManager(
+        cfg, Runtime(client, None, stop), images, api=api,
+        node_uid=(lambda: agent.uid) if agent is not None else (lambda: None),
+        host_ip=_cached(agent.address, 30.0) if agent is not None else (lambda: None),
+        stop=stop, node_os=facts["os_name"].lower())
+    manager.start()
     seq = 0
     while not stop.wait(PING_EVERY):
         seq += 1
         client.call("Ping", {"seq": seq, "payload": b""}, timeout=PING_EVERY)
     log.info("agent stopping")
+    manager.close()
     if agent is not None:
         agent.close()
     client.close()

@@ -1,0 +1,1180 @@
+"""The pod workers: what should run on this node, made to run, and told.
+
+Sources of pods: the API server (informer.py: list+watch of the pods bound
+to this node) and manifest files (staticpods.py).  Every change, every
+container exit (the parent's WatchContainers stream), every probe result
+that matters and every timer (back-offs, grace deadlines, the periodic
+resync) queues the pod's uid on one WorkQueue, so that a pod is synced by
+one worker at a time and each sync sees the latest of everything.  The
+sync is the kubelet's syncPod / syncTerminatingPod, written anew and
+simplified but truthful:
+
+  running      admit (or fail the pod, with an Event), pull images, build
+               the pod root (CreatePod), write the volumes (SetVolume),
+               run init containers one by one, then the app containers,
+               restarting them as the restart policy and the crash-loop
+               back-off say, acting on liveness/startup failures; then
+               compute the status and PATCH it when it changed.
+  terminating  (deletionTimestamp set, or gone from its source) preStop
+               hooks, the stop signal, SIGKILL at the grace deadline, and
+               once nothing runs RemovePod and DELETE with grace 0.
+  finished     (phase Succeeded or Failed) nothing more runs; the root is
+               removed; the status stays.
+
+Sync state per pod is written only by the worker that holds the pod:
+exits and probe verdicts are handed over through small inboxes, so no
+two threads ever change a pod's bookkeeping.
+
+Timers, chosen and why: a running pod is synced again every RESYNC
+seconds (10 s; the kubelet's syncFrequency is 1 min, but pufflet's sync
+is cheap and a short resync bounds how stale a missed event can make the
+status); files volumes are re-read every VOLUME_REFRESH (60 s, about what
+the kubelet's configMap cache gives) and service account tokens at 80 %
+of their life.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kubernetes import client as k8s
+# The client loads its API classes on first use; the sandboxed agent
+# cannot, so load them here, before the drop.
+from kubernetes.client.api import core_v1_api  # noqa: F401
+
+from pufflet.agent import events as ev
+from pufflet.agent import admit, envvars, expand, kube, podstatus, probes, volumedata
+from pufflet.agent.informer import PodInformer
+from pufflet.agent.runtime import Exit, Runtime
+from pufflet.agent.staticpods import MIRROR_ANN, StaticPods
+from pufflet.agent.workqueue import WorkQueue
+from pufflet.config import Config
+from pufflet.images import reference
+from pufflet.images.puller import PullError, Puller
+from pufflet.privsep.channel import Status
+
+log = logging.getLogger("pufflet.agent.pods")
+
+RESYNC = 10.0
+VOLUME_REFRESH = 60.0
+# The kubelet's crash-loop back-off: 10 s doubling to 5 min, forgotten
+# after a container ran for 10 minutes.
+BACKOFF_BASE = 10.0
+BACKOFF_MAX = 300.0
+BACKOFF_RESET = 600.0
+# How long to wait for the processes after SIGKILL before giving up on
+# them (RemovePod kills what is left anyway).
+KILL_WAIT = 5.0
+TOKEN_DEFAULT_TTL = 3600
+# Services are listed again after this long (the kubelet watches them).
+SERVICES_TTL = 30.0
+RESOLV_CONF = "/etc/resolv.conf"
+
+SUCCEEDED, FAILED, RUNNING, PENDING = "Succeeded", "Failed", "Running", "Pending"
+
+_SIGNALS = {"SIGTERM", "SIGKILL", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2",
+            "SIGWINCH", "SIGSTOP", "SIGCONT"}
+_LABEL_BAD = re.compile(r"[^a-z0-9-]")
+
+
+def rfc3339(t: float | None = None) -> str:
+    """metav1.Time: whole seconds, UTC."""
+    return datetime.datetime.fromtimestamp(time.time() if t is None else t,
+                                           datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------
+# what a pod's containers are doing
+
+@dataclass
+class Instance:
+    """One run of a container, as the parent reported it."""
+    container_id: str
+    restart_count: int
+    started_at: float               # wall clock
+    running: bool = True
+    exit_code: int | None = None
+    signal: int | None = None
+    finished_at: float | None = None
+    reason: str = ""                # the runtime's words for how it ended
+    message: str = ""
+
+
+@dataclass
+class CState:
+    """One container of a pod, across its runs."""
+    name: str
+    init: bool
+    current: Instance | None = None
+    last: Instance | None = None        # the run before current (lastState)
+    waiting: tuple[str, str] = ("ContainerCreating", "")
+    image: str = ""                     # the spec's image
+    image_id: str = ""                  # repo@digest once pulled
+    digest: str = ""                    # the manifest digest
+    backoff: podstatus.Backoff | None = None   # the crash-loop back-off
+    backoff_until: float = 0.0          # monotonic: when to look again
+    kill_deadline: float | None = None  # SIGKILL due (monotonic)
+    kill_reason: str = ""               # why we stopped it (a probe, a hook)
+    env: list[str] = field(default_factory=list)
+    working_dir: str = "/"
+    stop_signal: str = "SIGTERM"
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None and self.current.running
+
+
+@dataclass
+class PodWork:
+    uid: str
+    pod: dict
+    static: bool
+    containers: dict[str, CState] = field(default_factory=dict)
+    info: dict | None = None            # CreatePod's answer
+    refusal: tuple[str, str] | None = None  # admission: (reason, message)
+    admitted: bool = False
+    volumes: dict[str, str] = field(default_factory=dict)   # name -> content hash
+    volumes_due: float = 0.0
+    volumes_ok: bool = False
+    tokens: dict[tuple[str, str], tuple[str, float, float]] = field(default_factory=dict)
+    terminating: bool = False
+    grace_deadline: float = 0.0
+    stop_sent: bool = False
+    killed: bool = False                # SIGKILL sent at the grace deadline
+    removed: bool = False
+    terminated: bool = False            # stopped, removed, deleted: nothing left to do
+    gone: bool = False                  # its source no longer has it
+    phase: str = PENDING
+    message: str = ""
+    reason: str = ""
+    last_status: dict | None = None     # the last status computed
+    transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
+    posted: str | None = None
+    logged: str | None = None
+    exits: list[Exit] = field(default_factory=list)         # inbox, under lock
+    kills: list[tuple[str, str, str]] = field(default_factory=list)  # inbox
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    events_sent: set = field(default_factory=set)
+
+
+class PodManager:
+    def __init__(self, cfg: Config, runtime: Runtime, puller: Puller, *,
+                 api: k8s.ApiClient | None = None,
+                 node_uid: Callable[[], str | None] = lambda: None,
+                 host_ip: Callable[[], str | None] = lambda: None,
+                 allocatable: Callable[[], dict | None] = lambda: None,
+                 stop: threading.Event | None = None,
+                 resync: float = RESYNC, backoff_base: float = BACKOFF_BASE,
+                 backoff_max: float = BACKOFF_MAX, static_interval: float | None = None,
+                 workers: int = 8, node_os: str | None = None) -> None:
+        self.cfg = cfg
+        self.node = cfg.node_name
+        self.runtime = runtime
+        self.puller = puller
+        self.stop = stop or threading.Event()
+        self.core = k8s.CoreV1Api(api) if api is not None else None
+        self.node_uid = node_uid
+        self.host_ip = host_ip
+        self.allocatable = allocatable
+        self.node_os = node_os or os.uname().sysname.lower()
+        self._svc: list[dict] | None = None
+        self._svc_at = 0.0
+        self.resync = resync
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.recorder = ev.Recorder(self.core, self.node, self.stop)
+        self.prober = probes.Prober(self._exec, self._probe_result)
+        self.queue = WorkQueue(self._sync_key, workers=workers)
+        self.lock = threading.Lock()
+        self.works: dict[str, PodWork] = {}
+        self.mirrors: dict[str, dict] = {}      # static uid -> its mirror pod
+        self.informer = PodInformer(self.core, self.node, self._api_change, self.stop) \
+            if self.core is not None else None
+        self.static = StaticPods(cfg.static_pod_dir, self.node, self._static_change,
+                                 self.stop, **({"interval": static_interval}
+                                               if static_interval else {})) \
+            if cfg.static_pod_dir else None
+        self._adopted: dict[str, dict] = {}     # the parent's pods at start
+        self._errors: dict[str, str] = {}
+
+    # -- starting and stopping ----------------------------------------------
+
+    def start(self) -> None:
+        runtime_exit = self.runtime.on_exit
+        self.runtime.on_exit = self._exit if runtime_exit is None else runtime_exit
+        self._adopt()
+        self.recorder.start()
+        self.prober.start()
+        self.queue.start()
+        self.runtime.start()
+        if self.static is not None:
+            self.static.start()
+        if self.informer is not None:
+            self.informer.start()
+        threading.Thread(target=self._sweep_orphans, name="pod-orphans", daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.queue.close()
+        self.prober.close()
+        self.recorder.close()
+        if self.informer is not None:
+            self.informer.close()
+        if self.static is not None:
+            self.static.wake.set()
+
+    def _adopt(self) -> None:
+        """What the parent runs already (a restarted agent): take over its
+        containers' states, so that nothing restarts needlessly."""
+        try:
+            pods = self.runtime.list_pods()
+        except (Status, OSError) as e:
+            log.warning("cannot list the pods the parent holds: %s", e)
+            return
+        for p in pods:
+            self._adopted[p["pod_uid"]] = p
+        if pods:
+            log.info("the parent holds %d pods; adopting them", len(pods))
+
+    def _sweep_orphans(self) -> None:
+        """Once every source has spoken, remove the pods the parent holds
+        that no source wants any more."""
+        for src in (self.informer, self.static):
+            while src is not None and not src.synced.wait(1.0):
+                if self.stop.is_set():
+                    return
+        for uid in list(self._adopted):
+            self.queue.add(uid)
+
+    # -- what the sources say -------------------------------------------------
+
+    def _api_change(self, uid: str, pod: dict | None) -> None:
+        if pod is not None and _is_mirror(pod):
+            static_uid = pod["metadata"]["annotations"][MIRROR_ANN]
+            with self.lock:
+                self.mirrors[static_uid] = pod
+            self.queue.add(static_uid)
+            return
+        if pod is None:
+            with self.lock:
+                for suid, m in list(self.mirrors.items()):
+                    if m["metadata"]["uid"] == uid:
+                        del self.mirrors[suid]
+                        self.queue.add(suid)
+        self.queue.add(uid)
+
+    def _static_change(self, uid: str, pod: dict | None) -> None:
+        self.queue.add(uid)
+
+    def _desired(self, uid: str) -> tuple[dict | None, bool]:
+        if self.static is not None:
+            p = self.static.get(uid)
+            if p is not None:
+                return p, True
+        if self.informer is not None:
+            p = self.informer.get(uid)
+            if p is not None and not _is_mirror(p):
+                return p, False
+        return None, False
+
+    def _exit(self, ex: Exit) -> None:
+        with self.lock:
+            w = self.works.get(ex.pod_uid)
+        if w is not None:
+            with w.lock:
+                w.exits.append(ex)
+        self.queue.add(ex.pod_uid)
+
+    def _probe_result(self, uid: str, name: str, kind: str, ok: bool, msg: str) -> None:
+        with self.lock:
+            w = self.works.get(uid)
+        if w is None:
+            return
+        if not ok:
+            what = {"liveness": "Liveness", "readiness": "Readiness",
+                    "startup": "Startup"}[kind]
+            self.recorder.event(w.pod, ev.WARNING, "Unhealthy",
+                                f"{what} probe failed: {msg}", name)
+            if kind in (probes.LIVENESS, probes.STARTUP):
+                with w.lock:
+                    w.kills.append((name, kind, msg))
+        self.queue.add(uid)
+
+    def _exec(self, uid: str, name: str, argv: list[str], timeout: float):
+        with self.lock:
+            w = self.works.get(uid)
+        c = w.containers.get(name) if w is not None else None
+        env = c.env if c is not None else []
+        wd = c.working_dir if c is not None else "/"
+        return self.runtime.exec(uid, name, argv, timeout, env=env, working_dir=wd)
+
+    # -- one sync --------------------------------------------------------------
+
+    def _sync_key(self, uid: str) -> None:
+        try:
+            self.sync(uid)
+            self._errors.pop(uid, None)
+        except Exception as e:     # noqa: BLE001 - retried at the next resync
+            msg = kube.describe(e) if not isinstance(e, Status) else str(e)
+            if self._errors.get(uid) != msg:
+                log.warning("pod %s: sync: %s", self._name(uid), msg)
+                log.debug("pod %s: sync", uid, exc_info=True)
+            self._errors[uid] = msg
+            self.queue.add_after(uid, min(self.resync, 5.0))
+
+    def _name(self, uid: str) -> str:
+        with self.lock:
+            w = self.works.get(uid)
+        if w is None:
+            return uid
+        m = w.pod["metadata"]
+        return f"{m.get('namespace', 'default')}/{m['name']}"
+
+    def sync(self, uid: str) -> None:
+        desired, static = self._desired(uid)
+        with self.lock:
+            w = self.works.get(uid)
+        if w is None:
+            adopted = self._adopted.pop(uid, None)
+            if desired is None:
+                if adopted is not None:
+                    log.info("pod %s/%s (%s) is no longer wanted: removing it",
+                             adopted["namespace"], adopted["name"], uid)
+                    self.runtime.remove_pod(uid)
+                return
+            w = PodWork(uid, desired, static)
+            if adopted is not None:
+                self._take_over(w, adopted)
+            with self.lock:
+                self.works[uid] = w
+        if w.terminated:
+            # Stopped and deleted; forgotten once its source forgets it.
+            if desired is None:
+                with self.lock:
+                    self.works.pop(uid, None)
+            return
+        if desired is not None:
+            w.pod = desired
+        else:
+            w.gone = True
+        self._drain(w)
+        if w.gone or w.pod["metadata"].get("deletionTimestamp"):
+            self._terminate(w)
+            return
+        if w.phase in (SUCCEEDED, FAILED):
+            self._finish(w)
+            self._report(w)
+            return
+        self._run(w)
+        self._report(w)
+        self.queue.add_after(uid, self._next_wake(w))
+
+    def _take_over(self, w: PodWork, held: dict) -> None:
+        w.info = {"pod_uid": held["pod_uid"], "uid": held["uid"], "dev_missing_reason": ""}
+        for c in held["containers"]:
+            inst = Instance(c["container_id"], c["restart_count"], c["started_at"],
+                            c["running"], c.get("exit_code"), c.get("signal"),
+                            c.get("finished_at"), c.get("reason", ""))
+            init = any(ic.get("name") == c["name"]
+                       for ic in w.pod["spec"].get("initContainers") or ())
+            cs = w.containers.setdefault(c["name"], CState(c["name"], init))
+            if cs.current is None or inst.restart_count >= cs.current.restart_count:
+                cs.current = inst
+                cs.waiting = ("", "")
+        w.admitted = True
+
+    def _drain(self, w: PodWork) -> None:
+        """Apply the exits that came in since the last sync."""
+        with w.lock:
+            exits, w.exits = w.exits, []
+        for ex in exits:
+            c = w.containers.get(ex.name)
+            if c is None or c.current is None or c.current.container_id != ex.container_id:
+                continue
+            cur = c.current
+            cur.running = False
+            cur.exit_code = ex.exit_code
+            cur.signal = ex.signal
+            cur.finished_at = ex.finished_at
+            cur.reason = ex.reason
+            c.kill_deadline = None
+            log.info("pod %s: container %s exited (%s)", self._name(w.uid), c.name,
+                     f"code {ex.exit_code}" if ex.exit_code is not None
+                     else f"signal {ex.signal}")
+
+    # -- running --------------------------------------------------------------
+
+    def _run(self, w: PodWork) -> None:
+        pod = w.pod
+        if not w.admitted:
+            refusal = self._admit(pod)
+            if refusal is not None:
+                w.refusal = refusal
+                self.recorder.event(pod, ev.WARNING, refusal[0], refusal[1])
+                return
+            w.admitted = True
+        spec = pod["spec"]
+        inits = list(spec.get("initContainers") or ())
+        all_specs = inits + list(spec["containers"])
+        for i, cspec in enumerate(all_specs):
+            w.containers.setdefault(cspec["name"], CState(cspec["name"], i < len(inits)))
+        if not self._pull(w, all_specs):
+            return
+        if w.info is None:
+            w.info = self.runtime.create_pod(self._create_request(w, all_specs))
+            if w.info.get("dev_missing_reason"):
+                log.info("pod %s: no /dev: %s", self._name(w.uid), w.info["dev_missing_reason"])
+        if not self._volumes(w):
+            return
+        self._act_on_kills(w)
+        # Init containers, in order: each must succeed before the next
+        # starts; one that fails and may not restart fails the pod
+        # (podstatus.finished says so, and the phase follows).
+        for cspec in inits:
+            c = w.containers[cspec["name"]]
+            if c.running:
+                return
+            cur = c.current
+            if cur is not None and cur.exit_code == 0 and cur.signal is None \
+                    and cur.reason != "StartError":
+                continue
+            if cur is not None and not podstatus.should_restart(pod, cspec, self._cview(w, c)):
+                return
+            if cur is None or self._may_restart(w, c):
+                self._start(w, c, cspec)
+            return
+        for cspec in spec["containers"]:
+            c = w.containers[cspec["name"]]
+            if c.running:
+                continue
+            if c.current is not None and (
+                    not podstatus.should_restart(pod, cspec, self._cview(w, c))
+                    or not self._may_restart(w, c)):
+                continue
+            self._start(w, c, cspec)
+        self._update_probes(w)
+
+    def _admit(self, pod: dict) -> tuple[str, str] | None:
+        """(reason, message) when pufflet cannot honour the pod.  pufflet
+        is the node's only runtime, so the node counts as dedicated: a pod
+        bound here without a runtimeClassName is pufflet's to run."""
+        with self.lock:
+            running = sum(1 for w in self.works.values()
+                          if w.admitted and w.phase not in (SUCCEEDED, FAILED))
+        lookup = _Lookups(self, pod) if self.core is not None else None
+        return admit.admission_error(
+            pod, node_is_dedicated=True, max_pods=self.cfg.max_pods, running_pods=running,
+            lookup=lookup, hostpaths=self.cfg.hostpaths, node_name=self.node,
+            node_os=self.node_os, allocatable=self.allocatable())
+
+    def _pull(self, w: PodWork, specs: list[dict]) -> bool:
+        """Every image of the pod, before its root is built (the root is
+        the union of them).  False while any is missing."""
+        ok = True
+        secrets = self._pull_secrets(w.pod)
+        for cspec in specs:
+            c = w.containers[cspec["name"]]
+            if c.digest:
+                continue
+            image = cspec.get("image") or ""
+            policy = cspec.get("imagePullPolicy") or "IfNotPresent"
+            c.image = image
+            if policy != "Never":
+                self.recorder.event(w.pod, ev.NORMAL, "Pulling",
+                                    f'Pulling image "{image}"', c.name)
+            t0 = time.monotonic()
+            try:
+                summary = self.puller.pull(image, policy, secrets)
+            except PullError as e:
+                ok = False
+                c.waiting = (e.reason, e.message)
+                etype = ev.NORMAL if e.reason == "ImagePullBackOff" else ev.WARNING
+                reason = "BackOff" if e.reason == "ImagePullBackOff" else "Failed"
+                self.recorder.event(w.pod, etype, reason, e.message, c.name)
+                continue
+            c.digest = summary["digest"]
+            try:
+                c.image_id = f"{reference.parse(summary['name']).name}@{c.digest}"
+            except reference.ReferenceError:
+                c.image_id = c.digest
+            if c.waiting[0] in ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull"):
+                c.waiting = ("ContainerCreating", "")
+            if policy == "Never" or time.monotonic() - t0 < 0.05:
+                msg = f'Container image "{image}" already present on machine'
+            else:
+                msg = (f'Successfully pulled image "{image}" in '
+                       f'{time.monotonic() - t0:.3f}s. Image size: {summary["size"]} bytes.')
+            self.recorder.event(w.pod, ev.NORMAL, "Pulled", msg, c.name)
+        return ok
+
+    def _pull_secrets(self, pod: dict) -> list:
+        out = []
+        if self.core is None:
+            return out
+        ns = pod["metadata"].get("namespace", "default")
+        for ref in pod["spec"].get("imagePullSecrets") or ():
+            try:
+                s = json.loads(self.core.read_namespaced_secret(
+                    ref["name"], ns, _preload_content=False).data)
+                out.append(s)
+            except Exception as e:     # noqa: BLE001 - the pull says what failed
+                log.info("image pull secret %s/%s: %s", ns, ref.get("name"), kube.describe(e))
+        return out
+
+    def _create_request(self, w: PodWork, specs: list[dict]) -> dict:
+        pod = w.pod
+        meta, spec = pod["metadata"], pod["spec"]
+        hostname = pod_hostname(pod)
+        ip = self._pod_ip()
+        hosts = [{"ip": "127.0.0.1", "names": ["localhost"]},
+                 {"ip": "::1", "names": ["localhost", "ip6-localhost", "ip6-loopback"]}]
+        names = [hostname]
+        if spec.get("subdomain"):
+            names.insert(0, f"{hostname}.{spec['subdomain']}.{meta.get('namespace', 'default')}"
+                            ".svc.cluster.local")
+        if ip and ip not in ("127.0.0.1", "::1"):
+            hosts.append({"ip": ip, "names": names})
+        else:
+            hosts[0]["names"] += names
+        for alias in spec.get("hostAliases") or ():
+            if alias.get("ip") and alias.get("hostnames"):
+                hosts.append({"ip": alias["ip"], "names": list(alias["hostnames"])[:16]})
+        digests = list(dict.fromkeys(w.containers[c["name"]].digest for c in specs))
+        return {"pod_uid": w.uid, "namespace": meta.get("namespace", "default"),
+                "name": meta["name"], "hostname": hostname, "images": digests,
+                "hosts": hosts[:64], "resolv_conf": _resolv_conf(),
+                "host_network": bool(spec.get("hostNetwork"))}
+
+    def _pod_ip(self) -> str:
+        return self.host_ip() or "127.0.0.1"
+
+    def _services(self) -> list[dict] | None:
+        """Every Service, for the service link variables; read again after
+        SERVICES_TTL.  None standalone or before the first read (envvars
+        then refuses API pods, as the kubelet does)."""
+        if self.core is None:
+            return None
+        if self._svc is None or time.monotonic() - self._svc_at > SERVICES_TTL:
+            try:
+                doc = json.loads(self.core.list_service_for_all_namespaces(
+                    _preload_content=False).data)
+                self._svc = doc.get("items") or []
+                self._svc_at = time.monotonic()
+            except Exception as e:     # noqa: BLE001 - the old list will do
+                log.debug("listing services: %s", kube.describe(e))
+        return self._svc
+
+    # -- volumes ----------------------------------------------------------------
+
+    def _volumes(self, w: PodWork) -> bool:
+        """SetVolume for each volume whose content changed; files volumes
+        are read again every VOLUME_REFRESH, tokens at 80 % of their life.
+        False while a volume cannot be made (the pod waits, with an
+        Event, as the kubelet's FailedMount)."""
+        now = time.monotonic()
+        if w.volumes_ok and now < w.volumes_due:
+            return True
+        spec = w.pod["spec"]
+        writable = _writable_volumes(spec)
+        due = now + VOLUME_REFRESH
+        lookup = _Lookups(self, w.pod) if self.core is not None else None
+        ok = True
+        for vol in spec.get("volumes") or ():
+            name = vol["name"]
+            req = {"pod_uid": w.uid, "name": name, "writable": name in writable, "files": []}
+            try:
+                if "emptyDir" in vol:
+                    req.update(kind="emptyDir", writable=True)
+                    limit = (vol.get("emptyDir") or {}).get("sizeLimit")
+                    if limit:
+                        req["size_limit"] = int(quantity(limit))
+                elif "hostPath" in vol:
+                    req.update(kind="hostPath",
+                               host_path=(vol.get("hostPath") or {}).get("path", ""))
+                elif any(k in vol for k in volumedata.FILE_VOLUMES):
+                    tokens, refresh = self._tokens(w, vol)
+                    due = min(due, refresh)
+                    ip = self._pod_ip()
+                    files = volumedata.volume_files(
+                        w.pod, vol, lookup=lookup, tokens=tokens, host_ips=[ip],
+                        pod_ips=[ip], allocatable=self.allocatable())
+                    req.update(kind="files", writable=False, files=[f.wire() for f in files])
+                else:
+                    continue        # admission refused what is not supported
+                key = hashlib.sha256(json.dumps(req, sort_keys=True, default=_bytes_key)
+                                     .encode()).hexdigest()
+                if w.volumes.get(name) != key:
+                    self.runtime.set_volume(req)
+                    w.volumes[name] = key
+            except (volumedata.VolumeError, k8s.ApiException, Status, ValueError) as e:
+                ok = False
+                msg = kube.describe(e) if isinstance(e, k8s.ApiException) else str(e)
+                self.recorder.event(w.pod, ev.WARNING, "FailedMount",
+                                    f'MountVolume.SetUp failed for volume "{name}" : {msg}')
+        w.volumes_ok = ok
+        w.volumes_due = due if ok else now + min(self.resync, 5.0)
+        return ok
+
+    def _tokens(self, w: PodWork, vol: dict) -> tuple[dict[str, str], float]:
+        """The service account tokens a projected volume needs, by path,
+        asked for with TokenRequest and kept until refresh_due; and when
+        (monotonic) the first of them is due again."""
+        tokens: dict[str, str] = {}
+        due = float("inf")
+        if self.core is None:
+            return tokens, due
+        ns = w.pod["metadata"].get("namespace", "default")
+        for path, sa, body in volumedata.token_requests(w.pod, vol):
+            key = (vol["name"], path)
+            have = w.tokens.get(key)
+            now = time.time()
+            if have is None or volumedata.refresh_due(have[2], have[1], now):
+                got = json.loads(self.core.create_namespaced_service_account_token(
+                    sa, ns, body, _preload_content=False).data)
+                ttl = body["spec"]["expirationSeconds"]
+                exp = _parse_time(got["status"].get("expirationTimestamp")) or now + ttl
+                have = (got["status"]["token"], exp - ttl, exp)
+                w.tokens[key] = have
+            tokens[path] = have[0]
+            ttl = have[2] - have[1]
+            due = min(due, time.monotonic() + max(1.0, have[1] + 0.8 * ttl - now))
+        return tokens, due
+
+    # -- containers ---------------------------------------------------------------
+
+    def _may_restart(self, w: PodWork, c: CState) -> bool:
+        """The crash-loop back-off (podstatus.crashloop_backoff): False,
+        with the container waiting in CrashLoopBackOff, while it runs."""
+        cur = c.current
+        assert cur is not None and not cur.running
+        now = time.time()
+        wait, entry = podstatus.crashloop_backoff(
+            c.backoff, cur.finished_at or now, now,
+            initial=self.backoff_base, cap=self.backoff_max)
+        if wait > 0:
+            if c.waiting[0] != podstatus.CRASH_LOOP_BACK_OFF:
+                self.recorder.event(w.pod, ev.WARNING, "BackOff",
+                                    podstatus.backoff_event_message(c.name, w.pod), c.name)
+            c.waiting = (podstatus.CRASH_LOOP_BACK_OFF,
+                         podstatus.backoff_message(entry.delay, c.name, w.pod))
+            c.backoff_until = time.monotonic() + wait
+            return False
+        c.backoff = entry
+        c.backoff_until = 0.0
+        return True
+
+    def _start(self, w: PodWork, c: CState, cspec: dict) -> None:
+        pod = w.pod
+        image_cfg = self.runtime.image_config({"digest": c.digest})
+        ip = self._pod_ip()
+        try:
+            made = envvars.container_env(
+                pod, cspec, lookup=_Lookups(self, pod) if self.core is not None else None,
+                services=self._services(), host_ip=[ip], pod_ips=[ip],
+                image_env=image_cfg.env, hostname=pod_hostname(pod),
+                allocatable=self.allocatable())
+            argv = expand.command_args(cspec, image_cfg, made.variables)
+        except (envvars.EnvError, expand.NoCommandError, k8s.ApiException) as e:
+            # The kubelet's CreateContainerConfigError / CreateContainerError:
+            # the container waits with the reason, the sync retries.
+            reason = "CreateContainerError" if isinstance(e, expand.NoCommandError) \
+                else "CreateContainerConfigError"
+            msg = kube.describe(e) if isinstance(e, k8s.ApiException) else str(e)
+            c.waiting = (reason, msg)
+            self.recorder.event(pod, ev.WARNING, "Failed", f"Error: {msg}", c.name)
+            return
+        for reason, message in made.events:
+            self.recorder.event(pod, ev.WARNING, reason, message, c.name)
+        env_list = made.env
+        c.env = env_list
+        c.working_dir = cspec.get("workingDir") or image_cfg.working_dir or "/"
+        sig = (image_cfg.stop_signal or "SIGTERM").upper()
+        if not sig.startswith("SIG"):
+            sig = "SIG" + sig
+        c.stop_signal = sig if sig in _SIGNALS else "SIGTERM"
+        restarts = 0 if c.current is None else c.current.restart_count + 1
+        req = {"pod_uid": w.uid, "name": c.name, "restart_count": restarts,
+               "image": c.digest, "argv": argv, "env": env_list,
+               "working_dir": c.working_dir, "mounts": _mounts(cspec),
+               "limits": _limits(cspec), "stdin": bool(cspec.get("stdin")),
+               "tty": bool(cspec.get("tty"))}
+        try:
+            got = self.runtime.start_container(req)
+        except Status as e:
+            # The parent's words (a missing executable, a bad working
+            # directory) are what the user needs to see.
+            c.waiting = ("CreateContainerError" if e.code != "INVALID_ARGUMENT"
+                         else "CreateContainerConfigError", e.message)
+            self.recorder.event(pod, ev.WARNING, "Failed", f"Error: {e.message}", c.name)
+            # Counted as a crash so that retries back off.
+            c.last = c.current or c.last
+            c.current = Instance("", restarts, time.time(), False, 128, None, time.time(),
+                                 "StartError", e.message)
+            c.backoff_until = 0.0
+            return
+        if c.current is not None:
+            c.last = c.current
+        c.current = Instance(got["container_id"], restarts, got["started_at"])
+        c.waiting = ("", "")
+        c.backoff_until = 0.0
+        c.kill_reason = ""
+        self.recorder.event(pod, ev.NORMAL, "Created", f"Created container: {c.name}", c.name)
+        self.recorder.event(pod, ev.NORMAL, "Started", f"Started container {c.name}", c.name)
+        hook = (cspec.get("lifecycle") or {}).get("postStart")
+        if hook:
+            out = probes.run_handler(hook, cspec, self._grace(w.pod), w.uid, self._exec)
+            if not out.ok:
+                self.recorder.event(pod, ev.WARNING, "FailedPostStartHook",
+                                    f"PostStartHook failed: {out.message}", c.name)
+                self._kill(w, c, "FailedPostStartHook",
+                           f"postStart hook failed: {out.message}")
+
+    def _kill(self, w: PodWork, c: CState, reason: str, message: str,
+              grace: float | None = None) -> None:
+        """Stop one container: its stop signal now, SIGKILL at the grace
+        deadline (see _enforce_kills)."""
+        if not c.running:
+            return
+        self.recorder.event(w.pod, ev.NORMAL, "Killing", message, c.name)
+        c.kill_reason = reason
+        g = self._grace(w.pod) if grace is None else grace
+        c.kill_deadline = time.monotonic() + g
+        if not self.runtime.signal(w.uid, c.name, c.stop_signal if g > 0 else "SIGKILL"):
+            c.kill_deadline = None
+
+    def _act_on_kills(self, w: PodWork) -> None:
+        with w.lock:
+            kills, w.kills = w.kills, []
+        for name, kind, msg in kills:
+            c = w.containers.get(name)
+            if c is None or not c.running:
+                continue
+            cspec = _container_spec(w.pod, name) or {}
+            probe = cspec.get(probes.KINDS[kind]) or {}
+            grace = probe.get("terminationGracePeriodSeconds")
+            self._kill(w, c, kind, f"Container {name} failed {kind} probe, will be restarted",
+                       float(grace) if grace is not None else None)
+        now = time.monotonic()
+        for c in w.containers.values():
+            if c.running and c.kill_deadline is not None and now >= c.kill_deadline:
+                self.runtime.signal(w.uid, c.name, "SIGKILL")
+                c.kill_deadline = now + KILL_WAIT
+
+    def _update_probes(self, w: PodWork) -> None:
+        for cspec in w.pod["spec"]["containers"]:
+            c = w.containers[cspec["name"]]
+            cur = c.current
+            self.prober.update(w.uid, cspec, cur.container_id if cur else "",
+                               cur.started_at if cur else 0.0,
+                               c.running and c.kill_deadline is None)
+
+    def _next_wake(self, w: PodWork) -> float:
+        now = time.monotonic()
+        wake = self.resync
+        for c in w.containers.values():
+            for t in (c.backoff_until, c.kill_deadline, w.volumes_due):
+                if t and t > now:
+                    wake = min(wake, t - now + 0.01)
+        return wake
+
+    # -- finishing -----------------------------------------------------------------
+
+    def _finish(self, w: PodWork) -> None:
+        """A pod that reached Succeeded or Failed: nothing runs any more,
+        its root goes, its status stays."""
+        self.prober.remove_pod(w.uid)
+        running = [c for c in w.containers.values() if c.running]
+        for c in running:
+            self._kill(w, c, "PodFinished", f"Stopping container {c.name}")
+        if running:
+            self.queue.add_after(w.uid, self._grace(w.pod) + 0.1)
+            return
+        if not w.removed and w.info is not None:
+            self.runtime.remove_pod(w.uid)
+        w.removed = True
+
+    def _terminate(self, w: PodWork) -> None:
+        """Deleted (or gone from its source): preStop hooks, stop signal,
+        SIGKILL at the deadline, RemovePod, then DELETE with grace 0."""
+        pod = w.pod
+        now = time.monotonic()
+        self.prober.remove_pod(w.uid)
+        if not w.terminating:
+            w.terminating = True
+            grace = self._grace(pod)
+            w.grace_deadline = now + grace
+            running = [c for c in w.containers.values() if c.running]
+            for c in running:
+                cspec = _container_spec(pod, c.name) or {}
+                self.recorder.event(pod, ev.NORMAL, "Killing",
+                                    f"Stopping container {c.name}", c.name)
+                hook = (cspec.get("lifecycle") or {}).get("preStop")
+                if hook:
+                    left = max(0.0, w.grace_deadline - time.monotonic())
+                    out = probes.run_handler(hook, cspec, left, w.uid, self._exec)
+                    if not out.ok:
+                        self.recorder.event(pod, ev.WARNING, "FailedPreStopHook",
+                                            f"PreStopHook failed: {out.message}", c.name)
+            self._drain(w)
+            for c in w.containers.values():
+                if c.running:
+                    sig = c.stop_signal if time.monotonic() < w.grace_deadline else "SIGKILL"
+                    self.runtime.signal(w.uid, c.name, sig)
+                    c.kill_reason = "Killing"
+            w.stop_sent = True
+        running = [c for c in w.containers.values() if c.running]
+        if running:
+            if now < w.grace_deadline:
+                self.queue.add_after(w.uid, w.grace_deadline - now)
+                return
+            if not w.killed:
+                for c in running:
+                    self.runtime.signal(w.uid, c.name, "SIGKILL")
+                w.killed = True
+                w.grace_deadline = now + KILL_WAIT
+                self.queue.add_after(w.uid, KILL_WAIT)
+                return
+            # Still there KILL_WAIT after SIGKILL: RemovePod kills what is left.
+        if not w.removed and w.info is not None:
+            self.runtime.remove_pod(w.uid)
+        w.removed = True
+        if not w.gone:
+            self._report(w)
+        self._delete(w)
+        w.terminated = True
+        if w.gone:
+            with self.lock:
+                self.works.pop(w.uid, None)
+        log.info("pod %s/%s terminated", pod["metadata"].get("namespace", "default"),
+                 pod["metadata"]["name"])
+
+    def _delete(self, w: PodWork) -> None:
+        if self.core is None:
+            return
+        meta = w.pod["metadata"]
+        ns = meta.get("namespace", "default")
+        if w.static:
+            with self.lock:
+                mirror = self.mirrors.get(w.uid)
+            if mirror is None or not w.gone:
+                return
+            name, uid = mirror["metadata"]["name"], mirror["metadata"]["uid"]
+        elif w.gone:
+            return          # already gone from the API server
+        else:
+            name, uid = meta["name"], meta["uid"]
+        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
+        try:
+            self.core.delete_namespaced_pod(name, ns, body=body, _preload_content=False)
+        except k8s.ApiException as e:
+            if e.status not in (404, 409):
+                raise
+
+    def _grace(self, pod: dict) -> float:
+        g = pod["metadata"].get("deletionGracePeriodSeconds")
+        if g is None:
+            g = pod["spec"].get("terminationGracePeriodSeconds", 30)
+        return max(float(g), 0.0)
+
+    # -- status -----------------------------------------------------------------------
+
+    def _report(self, w: PodWork) -> None:
+        """PATCH the status when it changed (the kubelet's status manager);
+        standalone, log it when its summary changed."""
+        st = self._status(w)
+        summary = _summary(st)
+        if summary != w.logged:
+            log.info("pod %s: %s", self._name(w.uid), summary)
+            w.logged = summary
+        if self.core is None:
+            return
+        meta = w.pod["metadata"]
+        ns = meta.get("namespace", "default")
+        if w.static:
+            mirror = self._mirror(w)
+            if mirror is None:
+                return
+            name, uid = mirror["metadata"]["name"], mirror["metadata"]["uid"]
+        else:
+            name, uid = meta["name"], meta["uid"]
+        # The target's uid is part of the key: a new mirror pod gets the
+        # status even when the status did not change.
+        key = uid + json.dumps(st, sort_keys=True)
+        if key == w.posted:
+            return
+        # containerStatuses have no merge key: the lists are sent whole,
+        # and a strategic merge patch replaces them.  The uid makes the
+        # patch fail (409) on a pod of the same name that is not this one.
+        patch = {"metadata": {"uid": uid}, "status": st}
+        try:
+            self.core.patch_namespaced_pod_status(name, ns, patch, _preload_content=False)
+        except k8s.ApiException as e:
+            if e.status in (404, 409):
+                return          # deleted or replaced meanwhile: the watch says
+            raise
+        w.posted = key
+
+    def _mirror(self, w: PodWork) -> dict | None:
+        """The mirror pod of a static pod: created when missing, replaced
+        when it mirrors another version of the file."""
+        with self.lock:
+            mirror = self.mirrors.get(w.uid)
+        if mirror is not None and not mirror["metadata"].get("deletionTimestamp"):
+            return mirror
+        node_uid = self.node_uid()
+        if node_uid is None:
+            return None         # not registered yet: the next sync
+        pod = json.loads(json.dumps(w.pod))
+        meta = pod["metadata"]
+        for k in ("uid", "resourceVersion", "creationTimestamp"):
+            meta.pop(k, None)
+        meta["annotations"][MIRROR_ANN] = w.uid
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": self.node,
+                                    "uid": node_uid, "controller": True}]
+        pod.pop("status", None)
+        try:
+            got = json.loads(self.core.create_namespaced_pod(
+                meta.get("namespace", "default"), pod, _preload_content=False).data)
+        except k8s.ApiException as e:
+            if e.status != 409:
+                raise
+            return None     # an older mirror is still there; the watch brings it
+        log.info("created mirror pod %s/%s", got["metadata"]["namespace"],
+                 got["metadata"]["name"])
+        with self.lock:
+            self.mirrors[w.uid] = got
+        return got
+
+    def _status(self, w: PodWork) -> dict:
+        """The PodStatus (podstatus.pod_status) from what the parent and
+        the probes say; the phase it computes is the worker's from now on."""
+        now = time.time()
+        ip = self._pod_ip()
+        previous = w.last_status
+        if w.refusal is not None:
+            st = admit.rejection_status(w.pod, *w.refusal)
+            st.update(hostIP=ip, hostIPs=[{"ip": ip}])
+            st.setdefault("startTime", (previous or {}).get("startTime")
+                          or podstatus.rfc3339(now))
+        else:
+            view = self._view(w)
+            st = podstatus.pod_status(w.pod, view, now=now, previous=previous,
+                                      host_ip=[ip], pod_ips=[ip])
+        w.phase = st["phase"]
+        w.last_status = st
+        return st
+
+    def _view(self, w: PodWork) -> podstatus.PodView:
+        views = {}
+        for c in w.containers.values():
+            v = self._cview(w, c)
+            if v is not None:
+                views[c.name] = v
+        view = podstatus.PodView(sandbox_ready=w.info is not None and not w.removed,
+                                 containers=views)
+        terminal = podstatus.finished(w.pod, view) or (
+            w.removed and not any(c.running for c in w.containers.values()))
+        return podstatus.PodView(view.sandbox_ready, views, terminal)
+
+    def _cview(self, w: PodWork, c: CState) -> podstatus.ContainerView | None:
+        """One container as podstatus sees it; None when it never ran and
+        waits for nothing in particular (podstatus fills in the default)."""
+        cur = c.current
+        last = c.last
+        if cur is None:
+            if c.waiting[0] in ("", "ContainerCreating"):
+                return None
+            return podstatus.ContainerView(c.name, podstatus.Waiting(*c.waiting), None, 0,
+                                           False, False, image_id=c.image_id)
+        ready = started = False
+        if cur.running:
+            state: Any = podstatus.Running(cur.started_at)
+            if c.init:
+                started = True
+            else:
+                started = self.prober.result(w.uid, c.name, probes.STARTUP) is True
+                ready = started and c.kill_deadline is None and \
+                    self.prober.result(w.uid, c.name, probes.READINESS) is True
+        else:
+            ended = _exit_state(cur)
+            if c.waiting[0]:
+                state, last = podstatus.Waiting(*c.waiting), cur
+            else:
+                state = ended
+        last_state = _exit_state(last) if last is not None and not last.running else None
+        return podstatus.ContainerView(c.name, state, last_state, cur.restart_count,
+                                       ready, started, image_id=c.image_id,
+                                       container_id=cur.container_id)
+
+
+def _exit_state(inst: Instance) -> podstatus.Terminated:
+    if inst.reason == "StartError":
+        return podstatus.Terminated(128, podstatus.START_ERROR, inst.message, inst.started_at,
+                                    inst.finished_at, None, "")
+    return podstatus.exit_state(inst.exit_code, inst.signal, started_at=inst.started_at,
+                                finished_at=inst.finished_at, reason=inst.reason,
+                                container_id=inst.container_id)
+
+
+# ---------------------------------------------------------------------------
+# lookups for env and volumes: ConfigMaps, Secrets, tokens
+
+class _Lookups:
+    """What envvars and volumedata may need from the API server, fetched
+    at most once per sync; standalone, nothing is found."""
+
+    def __init__(self, mgr: PodManager, pod: dict) -> None:
+        self.mgr = mgr
+        self.pod = pod
+        self.ns = pod["metadata"].get("namespace", "default")
+        self.refresh: float | None = None
+        self._cache: dict[tuple[str, str], dict | None] = {}
+
+    def _get(self, kind: str, name: str) -> dict | None:
+        key = (kind, name)
+        if key in self._cache:
+            return self._cache[key]
+        core = self.mgr.core
+        got = None
+        if core is not None:
+            fn = core.read_namespaced_config_map if kind == "configmap" \
+                else core.read_namespaced_secret
+            try:
+                got = json.loads(fn(name, self.ns, _preload_content=False).data)
+            except k8s.ApiException as e:
+                if e.status != 404:
+                    raise
+        self._cache[key] = got
+        return got
+
+    def __call__(self, kind: str, namespace: str, name: str) -> dict | None:
+        """envvars' lookup: kind "configmaps" or "secrets"."""
+        return self._get("configmap" if kind == "configmaps" else "secret", name)
+
+    def config_map(self, name: str) -> dict | None:
+        return self._get("configmap", name)
+
+    def secret(self, name: str) -> dict | None:
+        return self._get("secret", name)
+
+    def pod_ip(self) -> str:
+        return self.mgr._pod_ip()
+
+    def host_ip(self) -> str:
+        return self.mgr._pod_ip()
+
+    def node_name(self) -> str:
+        return self.mgr.node
+
+
+# ---------------------------------------------------------------------------
+# small pure helpers
+
+def _is_mirror(pod: dict) -> bool:
+    return MIRROR_ANN in ((pod.get("metadata") or {}).get("annotations") or {})
+
+
+def pod_hostname(pod: dict) -> str:
+    """spec.hostname, else the pod's name cut to a DNS label (63 chars,
+    no trailing '-'), as the kubelet does."""
+    name = pod["spec"].get("hostname") or pod["metadata"]["name"]
+    name = _LABEL_BAD.sub("-", name.lower())[:63].strip("-")
+    return name or "pod"
+
+
+def _resolv_conf() -> str:
+    """The host's resolv.conf for now: cluster DNS comes with pod networks."""
+    try:
+        with open(RESOLV_CONF, encoding="utf-8", errors="replace") as f:
+            text = f.read(4096)
+    except OSError:
+        return ""
+    return text if len(text) < 4096 else text[:text.rfind("\n", 0, 4096) + 1]
+
+
+def _parse_time(t: str | None) -> float | None:
+    if not t:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _container_spec(pod: dict, name: str) -> dict | None:
+    spec = pod["spec"]
+    for c in list(spec.get("initContainers") or ()) + list(spec.get("containers") or ()):
+        if c.get("name") == name:
+            return c
+    return None
+
+
+def _writable_volumes(spec: dict) -> set[str]:
+    out = set()
+    for c in list(spec.get("initContainers") or ()) + list(spec.get("containers") or ()):
+        for m in c.get("volumeMounts") or ():
+            if not m.get("readOnly"):
+                out.add(m.get("name"))
+    return out
+
+
+def _mounts(cspec: dict) -> list[dict]:
+    return [{"volume": m["name"], "path": m["mountPath"], "read_only": bool(m.get("readOnly"))}
+            for m in cspec.get("volumeMounts") or ()][:64]
+
+
+_SUFFIX = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50,
+           "Ei": 2 ** 60, "n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6,
+           "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_QUANTITY = re.compile(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?")
+
+
+def quantity(q: Any) -> float:
+    """A resource.Quantity ("16Mi", "500m", "1e3", 2) as a number."""
+    if isinstance(q, (int, float)):
+        return float(q)
+    m = _QUANTITY.fullmatch(str(q).strip())
+    if not m:
+        raise ValueError(f"not a quantity: {q!r}")
+    return float(m.group(1)) * _SUFFIX[m.group(2) or ""]
+
+
+def _limits(cspec: dict) -> dict:
+    lim = (cspec.get("resources") or {}).get("limits") or {}
+    out: dict[str, int] = {}
+    try:
+        if "memory" in lim:
+            out["memory_bytes"] = int(quantity(lim["memory"]))
+        if "cpu" in lim:
+            out["cpu_millis"] = max(1, int(round(quantity(lim["cpu"]) * 1000)))
+        if "ephemeral-storage" in lim:
+            out["ephemeral_bytes"] = int(quantity(lim["ephemeral-storage"]))
+    except ValueError:
+        pass        # the API server validates quantities; a file pod may lie
+    return out
+
+
+def _bytes_key(o: Any) -> str:
+    if isinstance(o, (bytes, bytearray)):
+        return hashlib.sha256(o).hexdigest()
+    raise TypeError(type(o).__name__)
+
+
+def _summary(st: dict) -> str:
+    parts = [st.get("phase", "?")]
+    for c in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+        state = c.get("state") or {}
+        kind = next(iter(state), "?")
+        detail = (state.get(kind) or {}).get("reason") or ""
+        parts.append(f"{c['name']}={kind}{'(' + detail + ')' if detail else ''}"
+                     f"{' ready' if c.get('ready') else ''}")
+    return " ".join(parts)

@@ -105,6 +105,10 @@ class Config:
     insecure_registries: tuple[str, ...] = ()  # host[:port] spoken to over plain HTTP
     image_gc_high: int = 85     # % of the state filesystem: start removing images
     image_gc_low: int = 80      # ... until usage is below this
+    tls_client_ca: str | None = None    # CA bundle for node API client certificates
+    node_api_open: bool = False         # 'node api authentication none': a lab only
+    cluster_dns: tuple[str, ...] = ()   # dnsPolicy ClusterFirst's nameservers
+    cluster_domain: str = "cluster.local"
 
 
 DEFAULT_TAINT = Taint("pufflet.io/openbsd", "true", "NoSchedule")
@@ -466,6 +470,7 @@ _DNS_LABELS = re.compile(
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?\Z")
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # pufflet sets these labels itself, from what the system says
 _RESERVED_LABELS = ("kubernetes.io/os", "kubernetes.io/arch",
@@ -646,6 +651,37 @@ def _pod_network(p: _Parser, a: _Args) -> None:
     p.v["pod_network"] = PodNetwork(cidr, egress)
 
 
+# resolv.conf(5) reads at most 3 nameservers (MAXNS), as the kubelet warns.
+MAX_CLUSTER_DNS = 3
+
+
+@_statement("cluster dns", repeatable=True)
+def _cluster_dns(p: _Parser, a: _Args) -> None:
+    s = a.string("an IP address")
+    try:
+        addr = str(ipaddress.ip_address(s))
+    except ValueError:
+        raise _Error(f"invalid cluster dns address '{s}'") from None
+    have = p.v.get("cluster_dns", ())
+    if addr in have:
+        raise _Error(f"duplicate cluster dns address '{s}'")
+    if len(have) == MAX_CLUSTER_DNS:
+        raise _Error(f"at most {MAX_CLUSTER_DNS} cluster dns addresses: "
+                     "resolv.conf(5) reads no more")
+    p.v["cluster_dns"] = have + (addr,)
+
+
+@_statement("cluster domain")
+def _cluster_domain(p: _Parser, a: _Args) -> None:
+    s = a.string("a domain name")
+    name = s.lower().rstrip(".")
+    # Search domains of every pod's resolv.conf: a DNS name of labels.
+    if not name or len(name) > 253 or not all(
+            _DNS_LABEL.match(label) for label in name.split(".")):
+        raise _Error(f"invalid cluster domain '{s}'")
+    p.v["cluster_domain"] = name
+
+
 @_statement("listen on", options=("port",))
 def _listen_on(p: _Parser, a: _Args) -> None:
     s = a.string("an address or '*'")
@@ -669,6 +705,21 @@ def _tls_certificate(p: _Parser, a: _Args) -> None:
 @_statement("tls key")
 def _tls_key(p: _Parser, a: _Args) -> None:
     p.v["tls_key"] = a.path()
+
+
+@_statement("tls client ca")
+def _tls_client_ca(p: _Parser, a: _Args) -> None:
+    # Read by the agent before it drops root, like the certificate.
+    p.v["tls_client_ca"] = a.path()
+
+
+@_statement("node api authentication", options=("none",))
+def _node_api_authentication(p: _Parser, a: _Args) -> None:
+    # Only 'none' exists: authentication on is the default and has no
+    # spelling, so that turning it off is always a visible, explicit line.
+    if not a.keyword("none"):
+        raise _Error("expected 'none' after 'node api authentication'")
+    p.v["node_api_open"] = True
 
 
 @_statement("static pods")

@@ -322,6 +322,10 @@ class SpdyClient:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        # Let the reader see EOF before the fd goes: a reader about to
+        # enter SSL_read on a closed fd number would read from whatever
+        # connection gets that number next.
+        self.wait(lambda: self.eof, 5)
         self.sock.close()
 
     # -- waiting -------------------------------------------------------------

@@ -453,7 +453,7 @@ def test_unknown_keyword():
 
 
 def test_incomplete_keyword():
-    check("node\n", 1, "expected 'address', 'label', 'lease', 'name', "
+    check("node\n", 1, "expected 'address', 'api', 'label', 'lease', 'name', "
                        "'status' or 'taint' after 'node'")
     check("node foo x\n", 1, "after 'node', got 'foo'")
     check("pod uid x\n", 1, "expected 'range' after 'pod uid', got 'x'")
@@ -1191,3 +1191,28 @@ def test_registry_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.load(str(p))
     assert str(e.value).startswith(f"{p}:3: ")
+
+
+def test_cluster_dns_and_domain():
+    c = config.parse("node name n\n")
+    assert c.cluster_dns == () and c.cluster_domain == "cluster.local"
+    c = config.parse("node name n\ncluster dns 10.96.0.10\ncluster dns fd00::a\n"
+                     'cluster domain "Example.ORG."\n')
+    assert c.cluster_dns == ("10.96.0.10", "fd00::a")
+    assert c.cluster_domain == "example.org"
+
+
+@pytest.mark.parametrize("text,line,fragment", [
+    ("node name n\ncluster dns", 2, "'cluster dns' needs an IP address"),
+    ("node name n\ncluster dns 10.96.0", 2, "invalid cluster dns address '10.96.0'"),
+    ("node name n\ncluster dns 10.0.0.1\ncluster dns 10.0.0.1", 3,
+     "duplicate cluster dns address"),
+    ("node name n\ncluster dns 10.0.0.1\ncluster dns 10.0.0.2\ncluster dns 10.0.0.3\n"
+     "cluster dns 10.0.0.4", 5, "at most 3 cluster dns addresses"),
+    ("node name n\ncluster domain a..b", 2, "invalid cluster domain 'a..b'"),
+    ("node name n\ncluster domain -a.b", 2, "invalid cluster domain"),
+    ("node name n\ncluster domain a\ncluster domain b", 3,
+     "duplicate 'cluster domain' statement"),
+])
+def test_cluster_dns_errors(text, line, fragment):
+    check(text, line, fragment)

@@ -391,3 +391,82 @@ def test_pool_refuses_bad_input(tmp_path):
                                                UID2: {"ip": "10.251.0.2", "rdomain": 2}}}))
     with pytest.raises(netalloc.NetAllocError, match="given to both"):
         netalloc.NetPool(path, "10.251.0.0/24")
+
+
+# ---- setrtable(2): how a pod process enters its rdomain ---------------------------
+
+class FakeLibc:
+    """Records the setrtable(2) calls; fails with errno when told to."""
+
+    def __init__(self, fail_errno: int = 0) -> None:
+        self.calls = []
+        self.fail_errno = fail_errno
+
+    def setrtable(self, *args):
+        self.calls.append(("setrtable", tuple(type(a).__name__ for a in args),
+                           tuple(a.value for a in args)))
+        return -1 if self.fail_errno else 0
+
+    def get_errno(self):
+        return self.fail_errno
+
+
+def test_setrtable_golden():
+    # setrtable(2): int setrtable(int rtableid); one C int, the pod's rdomain.
+    libc = FakeLibc()
+    enter = B.rdomain_entry(5, libc)
+    assert libc.calls == []             # prepared in the parent, called in the child
+    enter()
+    assert libc.calls == [("setrtable", ("c_int",), (5,))]
+
+
+def test_setrtable_errors_and_refusals():
+    import errno
+    enter = B.rdomain_entry(7, FakeLibc(errno.EINVAL))
+    with pytest.raises(OSError) as e:
+        enter()
+    assert e.value.errno == errno.EINVAL and "setrtable 7" in str(e.value)
+    for bad in (0, 256, -1, True, "5"):
+        with pytest.raises(ValueError):
+            B.rdomain_entry(bad, FakeLibc())
+
+
+def test_openbsd_backend_runs_the_checks_and_plans(monkeypatch, tmp_path):
+    """PodNetworks on OpenBSD: the CHECKS first (a clear error naming each
+    problem), then the node plan, the pod plan, its teardown: argv as pinned
+    above, run through a recording runner."""
+    import subprocess
+    from pufflet.priv import podnet
+
+    outputs = {B.CHECKS["pf"]: "Status: Disabled\n", B.CHECKS["anchor"]: "",
+               B.CHECKS["forwarding"]: "0\n", (IFC, "pufflet"): "", **{
+                   c: "" for c in B.sweep_commands()}}
+
+    def fake_run(argv, **kw):
+        return subprocess.CompletedProcess(argv, 0, outputs[tuple(argv)], "")
+    monkeypatch.setattr(podnet.subprocess, "run", fake_run)
+    ran = []
+    be = podnet.OpenBSDBackend(libc=FakeLibc())
+    be.run = lambda step: ran.append(" ".join(step.argv))
+
+    net = podnet.PodNetworks(str(tmp_path), "10.251.0.0/24", backend=be)
+    assert net.pool is None and "pf is disabled" in net.problem
+    assert "no pufflet anchor" in net.problem and "forwarding" in net.problem
+    with pytest.raises(podnet.NetError) as e:
+        net.setup(UID, None)
+    assert e.value.code == "FAILED_PRECONDITION" and ran == []
+
+    outputs.update({B.CHECKS["pf"]: "Status: Enabled for 0 days\n",
+                    B.CHECKS["anchor"]: 'anchor "pufflet/*" all\n',
+                    B.CHECKS["forwarding"]: "1\n"})
+    addr = net.setup(UID, None)
+    assert (addr.ip, addr.rdomain) == ("10.251.0.2", 1)
+    pod = PodNet(UID, "10.251.0.2", 24, "10.251.0.1", 1)
+    assert ran == argvs(B.node_plan(NODE)) + argvs(B.pod_plan(NODE, pod))
+    ran.clear()
+    enter = net.entry(UID)
+    enter()
+    assert be.libc.calls == [("setrtable", ("c_int",), (1,))]
+    net.teardown(UID)
+    assert ran == argvs(B.pod_teardown(UID, "10.251.0.2", 1))
+    assert net.get(UID) is None

@@ -16,7 +16,7 @@ from pufflet import __version__, log as plog, platform
 from pufflet.config import Config
 from pufflet.platform import SandboxUnavailable
 from pufflet.privsep import drop
-from pufflet.privsep.channel import Client
+from pufflet.privsep.channel import Client, Status
 from pufflet.images import auth as image_auth, registry
 from pufflet.images.privstore import PrivStore
 from pufflet.images.puller import Puller
@@ -27,8 +27,10 @@ log = logging.getLogger("pufflet.agent")
 # pledge(2) promises: stdio for syslog(3)/sendsyslog(2) and the channel;
 # rpath for the kubeconfig and CA files; inet and dns to reach the API
 # server and registries; recvfd for pipes and sockets the parent opens
-# inside pods. Nothing that can write files, exec or change ids.
-PROMISES = "stdio rpath inet dns recvfd"
+# inside pods; tty for TIOCSWINSZ on the pty master of a `kubectl exec -t`
+# (the window size the client's resize stream sends). Nothing that can
+# write files, exec or change ids.
+PROMISES = "stdio rpath inet dns recvfd tty"
 
 # How often the agent checks that the parent is still there when idle.
 PARENT_CHECK = 0.5
@@ -44,9 +46,14 @@ def sandbox_paths(cfg: Config) -> list[tuple[str, str]]:
             paths.append((p, "r"))
     # The client certificate pufflet bootstraps and renews (priv/pki.py):
     # the directory, as each renewal adds a file and moves a symlink.
-    # Only with bootstrap: otherwise the agent has no business there.
-    if cfg.kubeconfig and cfg.bootstrap_kubeconfig:
+    # Also the node API's self-signed serving certificate, made there by
+    # the parent.  Otherwise the agent has no business there.
+    serving = (cfg.kubeconfig or cfg.node_api_open) and not (cfg.tls_cert and cfg.tls_key)
+    if cfg.kubeconfig and cfg.bootstrap_kubeconfig or serving:
         paths.append((os.path.join(cfg.state_dir, "pki"), "r"))
+    # Container logs, for kubectl logs (nodeapi/logs.py); the parent
+    # makes the directory before the agent starts.
+    paths.append((os.path.join(cfg.log_dir, "pods"), "r"))
     # Static pod manifests (agent/staticpods.py), read again every 20 s.
     if cfg.static_pod_dir:
         paths.append((cfg.static_pod_dir, "r"))
@@ -108,6 +115,16 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     # everything the agent uses, imported before the drop.
     from pufflet.agent import pods
     from pufflet.agent.runtime import Runtime
+    from pufflet.nodeapi import app as nodeapi, pods as nodeapi_pods, stats as nodeapi_stats
+    # The node API's certificate, key and client CA may be root's: read
+    # them now.
+    prepared = None
+    if nodeapi.wanted(cfg):
+        try:
+            prepared = nodeapi.prepare(cfg)
+        except (OSError, ValueError) as e:       # ssl.SSLError is an OSError
+            log.error("node API TLS: %s", e)
+            return 1
     # The bootstrap kubeconfig holds root's token: read it while we still may.
     boot = None
     if cfg.kubeconfig and cfg.bootstrap_kubeconfig:
@@ -181,13 +198,38 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
         cfg, Runtime(client, None, stop), images, api=api,
         node_uid=(lambda: agent.uid) if agent is not None else (lambda: None),
         host_ip=_cached(agent.address, 30.0) if agent is not None else (lambda: None),
+        pod_cidr=(lambda: agent.pod_cidr) if agent is not None else (lambda: ""),
         stop=stop, node_os=facts["os_name"].lower())
     manager.start()
+    server = None
+    if prepared is not None:
+        lookup, listing = nodeapi_pods.from_manager(manager)
+
+        def serving_cert() -> None:
+            addr = cfg.node_address or (agent.address() if agent is not None else None)
+            client.call("GetServingCert", {"addresses": [addr] if addr else []})
+        try:
+            server = nodeapi.start(cfg, prepared, api, serving_cert, lookup, listing)
+        except (OSError, ValueError, Status) as e:
+            log.error("node API: %s", e)
+            manager.close()
+            return 1
+        # kubectl top: /stats/summary and /metrics/resource from the
+        # parent's accounting, sampled in the background too so that CPU
+        # of processes that end between scrapes is not missed.
+        source = nodeapi_stats.StatsSource(lambda: client.call("GetStats", {}).body,
+                                           cfg.node_name,
+                                           nodeapi_stats.lookup_from_manager(manager))
+        nodeapi_stats.add_routes(server, source)
+        threading.Thread(target=source.run, args=(stop,), daemon=True,
+                         name="stats").start()
     seq = 0
     while not stop.wait(PING_EVERY):
         seq += 1
         client.call("Ping", {"seq": seq, "payload": b""}, timeout=PING_EVERY)
     log.info("agent stopping")
+    if server is not None:
+        server.close()
     manager.close()
     if agent is not None:
         agent.close()

@@ -328,6 +328,10 @@ class NodeAgent:
         self.lock = threading.Lock()
         self.uid: str | None = None
         self.gone = True                    # no Node of ours known yet
+        # node.spec.podCIDR: None until our Node has been read, "" when it
+        # has none (the controller manager allocates it, if at all, after
+        # registration: the watch brings it).
+        self.pod_cidr: str | None = None
         self.previous: dict[str, dict] = {}  # conditions last posted
         self.posted_key: str | None = None
         self.posted_at = 0.0
@@ -417,6 +421,7 @@ class NodeAgent:
         with self.lock:
             self.uid = node["metadata"]["uid"]
             self.gone = False
+            self.pod_cidr = (node.get("spec") or {}).get("podCIDR") or ""
             # Keep the transition times the Node already has.
             self.previous = {c["type"]: c for c in
                              (node.get("status") or {}).get("conditions") or ()}
@@ -533,6 +538,11 @@ class NodeAgent:
     def _observe(self, kind: str | None, obj: dict) -> None:
         uid = (obj.get("metadata") or {}).get("uid")
         with self.lock:
+            if kind in ("ADDED", "MODIFIED") and uid == self.uid:
+                cidr = (obj.get("spec") or {}).get("podCIDR") or ""
+                if cidr != self.pod_cidr:
+                    log.info("node %s: podCIDR %s", self.name, cidr or "none")
+                    self.pod_cidr = cidr
             if kind == "DELETED" and uid == self.uid:
                 log.warning("node %s was deleted; registering it again", self.name)
                 self.gone = True

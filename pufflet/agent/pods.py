@@ -52,7 +52,7 @@ from kubernetes import client as k8s
 from kubernetes.client.api import core_v1_api  # noqa: F401
 
 from pufflet.agent import events as ev
-from pufflet.agent import admit, envvars, expand, kube, podstatus, probes, volumedata
+from pufflet.agent import admit, dns, envvars, expand, kube, podstatus, probes, volumedata
 from pufflet.agent.informer import PodInformer
 from pufflet.agent.runtime import Exit, Runtime
 from pufflet.agent.staticpods import MIRROR_ANN, StaticPods
@@ -171,6 +171,7 @@ class PodManager:
                  api: k8s.ApiClient | None = None,
                  node_uid: Callable[[], str | None] = lambda: None,
                  host_ip: Callable[[], str | None] = lambda: None,
+                 pod_cidr: Callable[[], str | None] = lambda: "",
                  allocatable: Callable[[], dict | None] = lambda: None,
                  stop: threading.Event | None = None,
                  resync: float = RESYNC, backoff_base: float = BACKOFF_BASE,
@@ -184,6 +185,8 @@ class PodManager:
         self.core = k8s.CoreV1Api(api) if api is not None else None
         self.node_uid = node_uid
         self.host_ip = host_ip
+        # node.spec.podCIDR: None while the Node has not been read yet.
+        self.pod_cidr = pod_cidr
         self.allocatable = allocatable
         self.node_os = node_os or os.uname().sysname.lower()
         self._svc: list[dict] | None = None
@@ -379,7 +382,8 @@ class PodManager:
         self.queue.add_after(uid, self._next_wake(w))
 
     def _take_over(self, w: PodWork, held: dict) -> None:
-        w.info = {"pod_uid": held["pod_uid"], "uid": held["uid"], "dev_missing_reason": ""}
+        w.info = {"pod_uid": held["pod_uid"], "uid": held["uid"], "dev_missing_reason": "",
+                  "pod_ip": held.get("pod_ip", "")}
         for c in held["containers"]:
             inst = Instance(c["container_id"], c["restart_count"], c["started_at"],
                             c["running"], c.get("exit_code"), c.get("signal"),
@@ -430,7 +434,10 @@ class PodManager:
         if not self._pull(w, all_specs):
             return
         if w.info is None:
-            w.info = self.runtime.create_pod(self._create_request(w, all_specs))
+            req = self._create_request(w, all_specs)
+            if req is None:
+                return          # the pod network is not ready: the resync retries
+            w.info = self.runtime.create_pod(req)
             if w.info.get("dev_missing_reason"):
                 log.info("pod %s: no /dev: %s", self._name(w.uid), w.info["dev_missing_reason"])
         if not self._volumes(w):
@@ -530,32 +537,72 @@ class PodManager:
                 log.info("image pull secret %s/%s: %s", ns, ref.get("name"), kube.describe(e))
         return out
 
-    def _create_request(self, w: PodWork, specs: list[dict]) -> dict:
+    def _create_request(self, w: PodWork, specs: list[dict]) -> dict | None:
+        """CreatePod's request; None while the pod network waits for the
+        Node's podCIDR (the kubelet's NetworkNotReady)."""
         pod = w.pod
         meta, spec = pod["metadata"], pod["spec"]
+        host_net = bool(spec.get("hostNetwork"))
+        cidr = None
+        if not host_net and self.cfg.pod_network.cidr is None:
+            cidr = self.pod_cidr()
+            if cidr is None:
+                self._event_once(w, ev.WARNING, "NetworkNotReady",
+                                 "network is not ready: the Node's podCIDR is not "
+                                 "known yet")
+                return None
+            if not cidr:
+                self._event_once(w, ev.WARNING, "NoPodCIDR",
+                                 "the Node has no podCIDR and pufflet.conf sets no "
+                                 "'pod network': the pod shares the node's network")
         hostname = pod_hostname(pod)
-        ip = self._pod_ip()
         hosts = [{"ip": "127.0.0.1", "names": ["localhost"]},
                  {"ip": "::1", "names": ["localhost", "ip6-localhost", "ip6-loopback"]}]
         names = [hostname]
         if spec.get("subdomain"):
             names.insert(0, f"{hostname}.{spec['subdomain']}.{meta.get('namespace', 'default')}"
-                            ".svc.cluster.local")
-        if ip and ip not in ("127.0.0.1", "::1"):
-            hosts.append({"ip": ip, "names": names})
+                            f".svc.{self.cfg.cluster_domain}")
+        own: list[str] = []
+        if host_net:
+            ip = self._host_ip()
+            if ip and ip not in ("127.0.0.1", "::1"):
+                hosts.append({"ip": ip, "names": names})
+            else:
+                hosts[0]["names"] += names
         else:
-            hosts[0]["names"] += names
+            own = names     # the parent maps them to the address it gives
         for alias in spec.get("hostAliases") or ():
             if alias.get("ip") and alias.get("hostnames"):
                 hosts.append({"ip": alias["ip"], "names": list(alias["hostnames"])[:16]})
         digests = list(dict.fromkeys(w.containers[c["name"]].digest for c in specs))
-        return {"pod_uid": w.uid, "namespace": meta.get("namespace", "default"),
-                "name": meta["name"], "hostname": hostname, "images": digests,
-                "hosts": hosts[:64], "resolv_conf": _resolv_conf(),
-                "host_network": bool(spec.get("hostNetwork"))}
+        resolv, dns_events = dns.resolv_conf(pod, self.cfg.cluster_dns,
+                                             self.cfg.cluster_domain, _host_resolv_conf())
+        for reason, message in dns_events:
+            self._event_once(w, ev.WARNING, reason, message)
+        req = {"pod_uid": w.uid, "namespace": meta.get("namespace", "default"),
+               "name": meta["name"], "hostname": hostname, "images": digests,
+               "hosts": hosts[:64], "resolv_conf": resolv, "host_network": host_net,
+               "own_names": own, "host_ports": [] if host_net else _host_ports(spec)}
+        if cidr:
+            req["pod_cidr"] = cidr
+        return req
 
-    def _pod_ip(self) -> str:
+    def _event_once(self, w: PodWork, etype: str, reason: str, message: str) -> None:
+        key = ("once", reason, message)
+        if key not in w.events_sent:
+            w.events_sent.add(key)
+            self.recorder.event(w.pod, etype, reason, message)
+            log.info("pod %s: %s: %s", self._name(w.uid), reason, message)
+
+    def _host_ip(self) -> str:
         return self.host_ip() or "127.0.0.1"
+
+    def _pod_ip(self, w: PodWork | None = None) -> str:
+        """The pod's address: its own once the parent gave it one, else
+        the node's (hostNetwork pods, pods sharing the node's network)."""
+        if w is not None and w.info is not None and w.info.get("pod_ip"):
+            return w.info["pod_ip"]
+        return self._host_ip()
 
     def _services(self) -> list[dict] | None:
         """Every Service, for the service link variables; read again after
@@ -603,10 +650,10 @@ class PodManager:
                 elif any(k in vol for k in volumedata.FILE_VOLUMES):
                     tokens, refresh = self._tokens(w, vol)
                     due = min(due, refresh)
-                    ip = self._pod_ip()
                     files = volumedata.volume_files(
-                        w.pod, vol, lookup=lookup, tokens=tokens, host_ips=[ip],
-                        pod_ips=[ip], allocatable=self.allocatable())
+                        w.pod, vol, lookup=lookup, tokens=tokens,
+                        host_ips=[self._host_ip()], pod_ips=[self._pod_ip(w)],
+                        allocatable=self.allocatable())
                     req.update(kind="files", writable=False, files=[f.wire() for f in files])
                 else:
                     continue        # admission refused what is not supported
@@ -675,11 +722,11 @@ class PodManager:
     def _start(self, w: PodWork, c: CState, cspec: dict) -> None:
         pod = w.pod
         image_cfg = self.runtime.image_config({"digest": c.digest})
-        ip = self._pod_ip()
         try:
             made = envvars.container_env(
                 pod, cspec, lookup=_Lookups(self, pod) if self.core is not None else None,
-                services=self._services(), host_ip=[ip], pod_ips=[ip],
+                services=self._services(), host_ip=[self._host_ip()],
+                pod_ips=[self._pod_ip(w)],
                 image_env=image_cfg.env, hostname=pod_hostname(pod),
                 allocatable=self.allocatable())
             argv = expand.command_args(cspec, image_cfg, made.variables)
@@ -958,7 +1005,7 @@ class PodManager:
         """The PodStatus (podstatus.pod_status) from what the parent and
         the probes say; the phase it computes is the worker's from now on."""
         now = time.time()
-        ip = self._pod_ip()
+        ip = self._host_ip()
         previous = w.last_status
         if w.refusal is not None:
             st = admit.rejection_status(w.pod, *w.refusal)
@@ -968,7 +1015,7 @@ class PodManager:
         else:
             view = self._view(w)
             st = podstatus.pod_status(w.pod, view, now=now, previous=previous,
-                                      host_ip=[ip], pod_ips=[ip])
+                                      host_ip=[ip], pod_ips=[self._pod_ip(w)])
         w.phase = st["phase"]
         w.last_status = st
         return st
@@ -1067,10 +1114,12 @@ class _Lookups:
         return self._get("secret", name)
 
     def pod_ip(self) -> str:
-        return self.mgr._pod_ip()
+        with self.mgr.lock:
+            w = self.mgr.works.get((self.pod.get("metadata") or {}).get("uid", ""))
+        return self.mgr._pod_ip(w)
 
     def host_ip(self) -> str:
-        return self.mgr._pod_ip()
+        return self.mgr._host_ip()
 
     def node_name(self) -> str:
         return self.mgr.node
@@ -1091,8 +1140,27 @@ def pod_hostname(pod: dict) -> str:
     return name or "pod"
 
 
-def _resolv_conf() -> str:
-    """The host's resolv.conf for now: cluster DNS comes with pod networks."""
+def _host_ports(spec: dict) -> list[dict]:
+    """Every containerPort with a hostPort, for the parent's rules; the
+    same hostPort twice (admission refuses conflicts) is sent once."""
+    out: dict[tuple, dict] = {}
+    for c in [*(spec.get("initContainers") or ()), *(spec.get("containers") or ())]:
+        for p in c.get("ports") or ():
+            if not p.get("hostPort"):
+                continue
+            proto = p.get("protocol") or "TCP"
+            if proto not in ("TCP", "UDP"):
+                continue        # SCTP: pf has no rdr-to for it; not mapped
+            hp = {"host_port": int(p["hostPort"]), "container_port": int(p["containerPort"]),
+                  "protocol": proto}
+            if p.get("hostIP") and p["hostIP"] not in ("0.0.0.0", "::"):
+                hp["host_ip"] = p["hostIP"]
+            out.setdefault((hp["host_port"], proto, hp.get("host_ip")), hp)
+    return list(out.values())[:64]
+
+
+def _host_resolv_conf() -> str:
+    """The node's resolv.conf, for dnsPolicy Default and the host's search list."""
     try:
         with open(RESOLV_CONF, encoding="utf-8", errors="replace") as f:
             text = f.read(4096)

@@ -134,6 +134,24 @@ class Runtime:
 
     # -- exec ------------------------------------------------------------------
 
+    def start_exec(self, pod_uid: str, name: str, argv: list[str], env: list[str],
+                   working_dir: str, tty: bool) -> tuple[str, list[int], Future]:
+        """For the node API's exec (nodeapi/remotecommand.py): the exec_id,
+        its [stdin, stdout, stderr] fds (the caller's to close), and a
+        Future of its Exit, fed by the exits stream."""
+        r = self.client.call("StartExec", {
+            "pod_uid": pod_uid, "name": name, "argv": argv, "env": env,
+            "working_dir": working_dir, "tty": tty}, timeout=CALL)
+        exec_id = r.body["exec_id"]
+        fut: Future = Future()
+        with self._lock:
+            early = self._early.pop(exec_id, None)
+            if early is None:
+                self._waiters[exec_id] = fut
+        if early is not None:
+            fut.set_result(early[1])
+        return exec_id, r.fds, fut
+
     def exec(self, pod_uid: str, name: str, argv: list[str], timeout: float,
              env: list[str] | None = None, working_dir: str = "/") -> tuple[int | None, str]:
         """Run argv in the container's pod; (exit code, output) or (None,

@@ -37,9 +37,11 @@ parent runs them (netplan.apply) with runner().  The shape:
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from pufflet.priv.netplan import (EXISTS, MISSING, OTHER, Plan, PodNet, Runner, Step,
@@ -300,3 +302,39 @@ def runner(timeout: float = 30.0) -> Runner:
             raise StepError(step, p.returncode, p.stderr, classify(p.stderr))
     return run
 
+
+
+# ---- entering a pod's routing domain ------------------------------------------
+
+# setrtable(2), int setrtable(int rtableid): sets the routing table of the
+# calling process, which its children inherit; only root may change it,
+# and a table that does not exist is EINVAL.  A process's routing domain
+# is that of its rtable (rdomain(4)), so the pod's processes bind,
+# listen and connect in rdomain R and cannot see rdomain 0.  Called in
+# the forked child, as root, before chroot(2) and before the ids are
+# dropped (priv/spawn.py), so the pod can never change it back.  Python
+# has no binding: ctypes, with the symbol resolved in the parent.
+
+def setrtable_args(rdomain: int) -> tuple[ctypes.c_int]:
+    """The exact arguments of the setrtable(2) call for rdomain: one C int."""
+    if not isinstance(rdomain, int) or isinstance(rdomain, bool) or not 1 <= rdomain <= 255:
+        raise ValueError(f"rdomain {rdomain!r} is not a pod rdomain (1..255)")
+    return (ctypes.c_int(rdomain),)
+
+
+def rdomain_entry(rdomain: int, libc=None) -> Callable[[], None]:
+    """What a forked child calls to move itself into rdomain.  Everything
+    (the check, the argument, the libc symbol) is prepared here, in the
+    parent, so the child only makes the call.  libc: for tests; a
+    ctypes.CDLL with use_errno, or an object with setrtable and errno."""
+    args = setrtable_args(rdomain)
+    if libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+    call = libc.setrtable        # AttributeError here on a system without it
+    get_errno = getattr(libc, "get_errno", ctypes.get_errno)
+
+    def enter() -> None:
+        if call(*args) != 0:
+            err = get_errno()
+            raise OSError(err, f"setrtable {rdomain}: {os.strerror(err)}")
+    return enter

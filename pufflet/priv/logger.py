@@ -42,6 +42,7 @@ import select
 import selectors
 import signal
 import socket
+import stat
 import sys
 import time
 
@@ -85,9 +86,10 @@ def pods_log_root(log_dir: str) -> str:
 class LoggerClient:
     """The parent's connection to the logger, started on first need."""
 
-    def __init__(self, state_dir: str, log_dir: str) -> None:
+    def __init__(self, state_dir: str, log_dir: str, gid: int | None = None) -> None:
         self.state_dir = state_dir
         self.log_dir = log_dir
+        self.gid = gid          # the agent's group: it reads the logs for the node API
         self._sock: socket.socket | None = None
         self.pid = 0            # the logger's, as it said when we connected
 
@@ -124,7 +126,7 @@ class LoggerClient:
         import pufflet
         top = os.path.dirname(os.path.dirname(os.path.abspath(pufflet.__file__)))
         argv = [sys.executable, "-s", "-m", "pufflet.priv.logger",
-                self.state_dir, self.log_dir]
+                self.state_dir, self.log_dir, "-" if self.gid is None else str(self.gid)]
         env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": top}
         rfd, wfd = os.pipe()
         try:
@@ -215,9 +217,10 @@ class _Container:
 
 
 class Logger:
-    def __init__(self, state_dir: str, log_dir: str) -> None:
+    def __init__(self, state_dir: str, log_dir: str, gid: int | None = None) -> None:
         self.state_dir = state_dir
         self.root = pods_log_root(log_dir)
+        self.gid = gid
         self.sel = selectors.DefaultSelector()
         self.listener: socket.socket | None = None
         self.conns: set[socket.socket] = set()
@@ -322,13 +325,36 @@ class Logger:
         if not isinstance(restart, int) or isinstance(restart, bool) \
                 or not 0 <= restart < 2**31:
             raise ValueError(f"bad restart count {restart!r}")
-        writer = LogWriter(container_log_dir(self.root, ns, pod, uid, name), restart)
+        directory = container_log_dir(self.root, ns, pod, uid, name)
+        self._make_dirs(directory)
+        writer = LogWriter(directory, restart, gid=self.gid, mode=0o640)
         c = _Container(writer)
         for fd, stream in zip(fds, ("stdout", "stderr")):
             os.set_blocking(fd, False)
             self.pipes[fd] = (c, stream)
             self.sel.register(fd, selectors.EVENT_READ, "pipe")
         return {"ok": True, "path": writer.path}
+
+    def _make_dirs(self, directory: str) -> None:
+        """The root, the pod's and the container's directories, 0750
+        root:<agent group>: the agent's node API reads the logs (files 0640,
+        same group); nobody else may, and only root writes."""
+        if self.gid is None:
+            return      # LogWriter makes them, as before there was an agent to read them
+        os.makedirs(os.path.dirname(self.root), 0o755, exist_ok=True)
+        cur = self.root
+        for part in [""] + os.path.relpath(directory, self.root).split(os.sep):
+            cur = os.path.join(cur, part) if part else cur
+            try:
+                os.mkdir(cur, 0o750)
+            except FileExistsError:
+                pass
+            st = os.lstat(cur)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+                raise ValueError(f"{cur}: not a directory owned by root")
+            if st.st_gid != self.gid or st.st_mode & 0o7777 != 0o750:
+                os.chown(cur, 0, self.gid)
+                os.chmod(cur, 0o750)
 
     def _drain(self, fd: int) -> None:
         c, stream = self.pipes[fd]
@@ -355,7 +381,8 @@ class Logger:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    state_dir, log_dir, ready = args[0], args[1], int(args[2])
+    state_dir, log_dir, group, ready = args[0], args[1], args[2], int(args[3])
+    gid = None if group == "-" else int(group)
     logging.basicConfig(level=logging.INFO, format="pufflet logger: %(message)s")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -373,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         os.close(ready)     # another logger runs: the parent connects to it
         return 0
-    lg = Logger(state_dir, log_dir)
+    lg = Logger(state_dir, log_dir, gid)
     lg.listen()
     os.write(ready, b"r")
     os.close(ready)

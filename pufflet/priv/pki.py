@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import calendar
+import ipaddress
 import logging
 import os
 import re
@@ -439,3 +440,92 @@ def current_info(cfg: Config) -> CertInfo | None:
         return cert_info(blocks[0].encode())
     except PkiError as e:
         raise Status("INTERNAL", str(e)) from None
+
+
+# -- the node API's self-signed serving certificate ---------------------------
+
+SERVING = "serving.pem"
+SERVING_DAYS = 365
+SERVING_RENEW = 30 * 86400      # made again when it has less than this left
+
+
+def serving_path(cfg: Config) -> str:
+    return os.path.join(pki_dir(cfg), SERVING)
+
+
+def _serving_current(path: str, owner: Identity) -> CertInfo | None:
+    """The validity of the serving certificate there, if it is ours, sound
+    and not about to expire; None if a new one is needed."""
+    try:
+        st = os.lstat(path)
+        if not os.path.isfile(path) or os.path.islink(path) or st.st_uid != owner.uid:
+            return None
+        with open(path, "rb") as f:
+            data = f.read(MAX_KUBECONFIG)
+        blocks = _PEM_CERT.findall(data.decode("ascii", errors="replace"))
+        if not blocks:
+            return None
+        info = cert_info(blocks[0].encode())
+    except (OSError, PkiError):
+        return None
+    return info if info.not_after - time.time() > SERVING_RENEW else None
+
+
+def serving_cert(cfg: Config, owner: Identity, addresses: list[str]) -> CertInfo:
+    """Make pki/serving.pem (certificate, then key; the agent user's, 0600)
+    unless a good one is there: self-signed, as the kubelet's is without
+    --tls-cert-file, for the node name and the given IP addresses.  The
+    agent names the addresses; each must parse as an IP address, and the
+    node name is ours, so the agent cannot have us sign anything else."""
+    path = serving_path(cfg)
+    info = _serving_current(path, owner)
+    if info is not None:
+        return info
+    _subject(cfg)       # checks the node name is fit for a subject
+    sans = [f"DNS:{cfg.node_name}"]
+    for a in addresses:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            raise Status("INVALID_ARGUMENT", f"{a!r} is not an IP address") from None
+        if f"IP:{ip}" not in sans:
+            sans.append(f"IP:{ip}")
+    d = pki_dir(cfg)
+    key = os.path.join(d, "serving.key.tmp")
+    conf = os.path.join(d, "serving.cnf.tmp")
+    # A config file rather than -addext: LibreSSL's req has no -addext in
+    # every release, and both read this.
+    text = ("[req]\ndistinguished_name = dn\n[dn]\n[ext]\n"
+            "basicConstraints = critical, CA:FALSE\n"
+            "keyUsage = critical, digitalSignature, keyEncipherment\n"
+            "extendedKeyUsage = serverAuth\n"
+            f"subjectAltName = {', '.join(sans)}\n")
+    try:
+        for p in (key, conf):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(text)
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key)
+        cert = _openssl("req", "-new", "-x509", "-sha256", "-key", key,
+                        "-days", str(SERVING_DAYS), "-subj",
+                        f"/CN={cfg.node_name}@{int(time.time())}",
+                        "-config", conf, "-extensions", "ext")
+        if not _PEM_CERT.fullmatch(cert.decode("ascii", errors="replace")):
+            raise PkiError("openssl req printed no certificate")
+        with open(key, "rb") as f:
+            keypem = f.read()
+        _replace(path, cert + keypem, owner)
+        info = cert_info(cert)
+    except PkiError as e:
+        raise Status("INTERNAL", str(e)) from None
+    finally:
+        for p in (key, conf):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+    log.info("new self-signed serving certificate for %s", ", ".join(sans))
+    return info

@@ -29,6 +29,7 @@ logger (priv/logger.py), which outlives us.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -41,12 +42,15 @@ from typing import Callable, Iterator
 
 from pufflet.config import Config
 from pufflet.priv import podroot, proctrack, rlimits, statefile, volumes
+from pufflet.priv.netplan import HostPort, NetPlanError
+from pufflet.priv.podnet import NetError, PodNetworks
 from pufflet.priv.logger import LoggerClient, LoggerError
 from pufflet.priv.proctrack import Exited, ProcessWatcher
 from pufflet.priv.rlimits import Rlimit
 from pufflet.priv.spawn import Spawn, SpawnError, spawn
 from pufflet.priv.statefile import StateError
 from pufflet.priv.uids import UidError, UidPool
+from pufflet.privsep import drop
 from pufflet.privsep.channel import Status
 
 __all__ = ["PodRuntime", "kill_uid"]
@@ -111,23 +115,36 @@ def kill_uid(uid: int, gid: int, rounds: int = 3) -> None:
             continue
 
 
+def _agent_gid(cfg: Config) -> int | None:
+    """The agent's group, which reads container logs for the node API."""
+    try:
+        return drop.lookup(cfg.user).gid
+    except drop.DropError:
+        return None
+
+
 class PodRuntime:
     def __init__(self, cfg: Config, store_opener: Callable[[], object],
                  watcher: ProcessWatcher | None = None,
                  logger: LoggerClient | None = None,
-                 uids: UidPool | None = None) -> None:
+                 uids: UidPool | None = None,
+                 net: PodNetworks | None = None) -> None:
         self.cfg = cfg
         self._open_store = store_opener
         self._store = None
         self.watcher = watcher if watcher is not None else ProcessWatcher()
-        self.logger = logger if logger is not None else LoggerClient(cfg.state_dir,
-                                                                       cfg.log_dir)
+        self.logger = logger if logger is not None else LoggerClient(
+            cfg.state_dir, cfg.log_dir, gid=_agent_gid(cfg))
         self.pods_dir = os.path.join(cfg.state_dir, "pods")
         os.makedirs(self.pods_dir, 0o700, exist_ok=True)
         self.state_path = os.path.join(cfg.state_dir, "pods.json")
         self.uids = uids if uids is not None else UidPool(
             os.path.join(cfg.state_dir, "uids.json"), cfg.pod_uid_min, cfg.pod_uid_max)
         self.pods: dict[str, dict] = self._load()
+        # Pod networks (priv/podnet.py): set up the node side again now,
+        # so that re-adopted pods keep working.
+        self.net = net if net is not None else PodNetworks(
+            cfg.state_dir, cfg.pod_network.cidr, cfg.pod_network.egress)
         self.procs: dict[int, _Proc] = {}
         self._subscribers: list[deque] = []
         # Called when an event is queued: the Supervisor wakes parked streams.
@@ -144,6 +161,9 @@ class PodRuntime:
         # removal): released, since nothing of theirs is left to run.
         for pod_uid in set(self.uids.allocated()) - set(self.pods):
             self.uids.release(pod_uid)
+        # Likewise networks: a crash between the plan and pods.json, or a
+        # teardown that failed, leaves interfaces and an allocation.
+        self.net.sweep(self.pods)
 
     # -- state ----------------------------------------------------------------
 
@@ -292,31 +312,59 @@ class PodRuntime:
         except UidError as e:
             raise Status("RESOURCE_EXHAUSTED", str(e)) from None
         pod_dir = self._pod_dir(pod_uid)
+        host_ports: list[HostPort] = []
+        addr = None
         try:
             podroot.remove(pod_dir)     # a build cut short before it was recorded
+            # The network first: /etc/hosts maps the pod's names to its address.
+            if not body["host_network"]:
+                host_ports = [HostPort(h["host_port"], h["container_port"], h["protocol"],
+                                       h.get("host_ip")) for h in body.get("host_ports", ())]
+                addr = self.net.setup(pod_uid, body.get("pod_cidr"), host_ports)
+            hosts = [(h["ip"], h["names"]) for h in body["hosts"]]
+            if body.get("own_names"):
+                hosts.append((addr.ip if addr is not None else "127.0.0.1",
+                              body["own_names"]))
             pr = podroot.build(rootfs, pod_dir, uid, uid, hostname=body["hostname"],
-                               hosts_entries=[(h["ip"], h["names"]) for h in body["hosts"]],
-                               resolv_conf=body["resolv_conf"])
-        except podroot.PodRootError as e:
+                               hosts_entries=hosts, resolv_conf=body["resolv_conf"])
+            for digest in images:
+                store.touch(digest)
+            pod = {"namespace": body["namespace"], "name": body["name"], "uid": uid,
+                   "hostname": body["hostname"], "images": images,
+                   "host_network": body["host_network"],
+                   "pod_ip": addr.ip if addr is not None else "",
+                   "host_ports": [[h.host_port, h.container_port, h.protocol, h.host_ip]
+                                  for h in host_ports],
+                   "dev_missing_reason": pr.dev_missing_reason or "",
+                   "volumes": {}, "containers": {}}
+            self.pods[pod_uid] = pod
+            self._save()
+        except (podroot.PodRootError, NetError, NetPlanError) as e:
             self._undo_create(pod_uid, pod_dir)
-            raise Status("FAILED_PRECONDITION", str(e)) from None
+            code = (e.code if isinstance(e, NetError) else
+                    "INVALID_ARGUMENT" if isinstance(e, NetPlanError) else
+                    "FAILED_PRECONDITION")
+            raise Status(code, str(e)) from None
         except BaseException:
             self._undo_create(pod_uid, pod_dir)
             raise
-        for digest in images:
-            store.touch(digest)
-        pod = {"namespace": body["namespace"], "name": body["name"], "uid": uid,
-               "hostname": body["hostname"], "images": images,
-               "host_network": body["host_network"],
-               "dev_missing_reason": pr.dev_missing_reason or "",
-               "volumes": {}, "containers": {}}
-        self.pods[pod_uid] = pod
-        self._save()
-        log.info("pod %s/%s (%s): root built, uid %d", body["namespace"], body["name"],
-                 pod_uid, uid)
+        log.info("pod %s/%s (%s): root built, uid %d%s", body["namespace"], body["name"],
+                 pod_uid, uid, f", address {addr.ip}" if addr is not None else "")
         return self._pod_info(pod_uid, pod)
 
     def _undo_create(self, pod_uid: str, pod_dir: str) -> None:
+        """Take back a CreatePod that failed halfway: the record, the
+        network (rolled back already if its own setup failed), the root,
+        the uid."""
+        if self.pods.pop(pod_uid, None) is not None:
+            try:
+                self._save()
+            except StateError as e:
+                log.error("pod %s: %s", pod_uid, e)
+        try:
+            self.net.teardown(pod_uid)
+        except NetError as e:
+            log.error("%s; the next start sweeps it", e)
         try:
             podroot.remove(pod_dir)
         finally:
@@ -325,7 +373,31 @@ class PodRuntime:
     @staticmethod
     def _pod_info(pod_uid: str, pod: dict) -> dict:
         return {"pod_uid": pod_uid, "uid": pod["uid"],
-                "dev_missing_reason": pod["dev_missing_reason"]}
+                "dev_missing_reason": pod["dev_missing_reason"],
+                "pod_ip": pod.get("pod_ip", "")}
+
+    def network_entry(self, pod_uid: str) -> Callable[[], None] | None:
+        """What a process forked for pod_uid calls first, as root, to join
+        the pod's network: setns(2) into its netns on Linux, setrtable(2)
+        into its rdomain on OpenBSD.  None for pods on the node's network
+        (hostNetwork, or no pod CIDR).  Made here, in the parent, so that
+        the forked child only makes the system call."""
+        pod = self._pod(pod_uid)
+        if pod.get("host_network") or not pod.get("pod_ip"):
+            return None
+        entry = self.net.entry(pod_uid)
+        if entry is None:
+            raise Status("INTERNAL", f"pod {pod_uid} has address {pod['pod_ip']} "
+                         "but no network")
+        return entry
+
+    def enter_pod_network(self, pod_uid: str) -> None:
+        """Move the calling process into pod_uid's network; for a child
+        forked by the parent (port-forward's dialer), never the parent
+        itself.  Raises Status NOT_FOUND for an unknown pod."""
+        entry = self.network_entry(pod_uid)
+        if entry is not None:
+            entry()
 
     def set_volume(self, body: dict, fds: list[int]) -> dict:
         pod_uid, name, kind = body["pod_uid"], body["name"], body["kind"]
@@ -381,7 +453,8 @@ class PodRuntime:
         started = self._spawn_logged(pod_uid, pod, name, body["restart_count"],
                                      container_id, Spawn(
             argv=tuple(body["argv"]), env=tuple(body["env"]), root=root, uid=uid,
-            gid=uid, cwd=body["working_dir"], rlimits=plan.rlimits, nice=plan.nice))
+            gid=uid, cwd=body["working_dir"], rlimits=plan.rlimits, nice=plan.nice,
+            enter_network=self.network_entry(pod_uid)))
         now = time.time()
         pod["containers"][name] = {
             "container_id": container_id, "restart_count": body["restart_count"],
@@ -449,6 +522,11 @@ class PodRuntime:
         if uid is not None:
             self._kill_pod(pod_uid, uid)
         try:
+            # After the kill: no process of the pod holds its netns now.
+            self.net.teardown(pod_uid)
+        except NetError as e:
+            raise Status(e.code, str(e)) from None
+        try:
             podroot.remove(self._pod_dir(pod_uid))
         except podroot.PodRootError as e:
             raise Status("INTERNAL", str(e)) from None
@@ -506,7 +584,8 @@ class PodRuntime:
                         st[k] = c[k]
                 cs.append(st)
             out.append({"pod_uid": pod_uid, "namespace": pod["namespace"],
-                        "name": pod["name"], "uid": pod["uid"], "containers": cs})
+                        "name": pod["name"], "uid": pod["uid"],
+                        "pod_ip": pod.get("pod_ip", ""), "containers": cs})
         return {"pods": out}
 
     def watch_containers(self, body: dict, fds: list[int]) -> Iterator[dict | None]:
@@ -530,9 +609,11 @@ class PodRuntime:
             raise Status("INVALID_ARGUMENT", "argv is empty: nothing to run")
         uid = pod["uid"]
         assert uid > 0
+        net = self.network_entry(pod_uid)
         spec = dict(argv=tuple(body["argv"]), env=tuple(body["env"]),
                     root=self._root(pod_uid), uid=uid, gid=uid, cwd=body["working_dir"],
-                    rlimits=tuple(Rlimit(*r) for r in c["rlimits"]), nice=c["nice"])
+                    rlimits=tuple(Rlimit(*r) for r in c["rlimits"]), nice=c["nice"],
+                    enter_network=net)
         ours: list[int] = []        # fds that stay here, closed below
         back: list[int] = []        # fds for the agent
         try:
@@ -543,7 +624,7 @@ class PodRuntime:
                 spec.update(stdin=slave, stdout=slave, stderr=slave,
                             # Runs in the child right after setsid: the pty
                             # becomes its controlling terminal, so ^C works.
-                            enter_network=lambda: fcntl.ioctl(slave, termios.TIOCSCTTY, 0))
+                            enter_network=functools.partial(_tty_and_network, slave, net))
             else:
                 in_r, in_w = os.pipe()
                 out_r, out_w = os.pipe()
@@ -568,6 +649,12 @@ class PodRuntime:
         self.watcher.watch(started.pid, started.start_time, own_child=True)
         log.info("pod %s container %s: exec %s pid %d", pod_uid, name, exec_id, started.pid)
         return {"exec_id": exec_id, "pid": started.pid}, back
+
+
+def _tty_and_network(tty: int, net: Callable[[], None] | None) -> None:
+    fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
+    if net is not None:
+        net()
 
 
 def _fields(spec: Spawn) -> dict:

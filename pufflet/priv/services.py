@@ -11,15 +11,16 @@ from typing import Callable, Iterator
 
 from pufflet import __version__, platform
 from pufflet.config import Config
-from pufflet.priv import pki
+from pufflet.priv import pki, stats
 from pufflet.privsep import drop
 from pufflet.priv.images_rpc import ImageRPC
+from pufflet.priv.portforward import PortForwarder
 from pufflet.privsep.channel import Status
 from pufflet.privsep.spec import Spec
 
 
 POD_METHODS = ("CreatePod", "SetVolume", "StartContainer", "SignalContainer",
-               "RemovePod", "ListPods", "WatchContainers", "StartExec")
+               "RemovePod", "ListPods", "WatchContainers", "StartExec", "PortForward")
 
 
 def _unavailable(body: dict, fds: list[int]):
@@ -37,6 +38,9 @@ class Services:
         # The daemon's one PodRuntime (priv/pods.py), shared by every agent
         # connection; None where nothing runs pods (some tests).
         self.pods = pods
+        # One per daemon, not per connection: its counters keep CPU
+        # monotonic across agent restarts.
+        self.stats = stats.collector_for(cfg, pods, self._image_bytes)
 
     def table(self) -> dict[str, Callable]:
         gated = {
@@ -47,10 +51,15 @@ class Services:
             "CreateClientCSR": self.create_client_csr,
             "StoreClientCert": self.store_client_cert,
             "GetClientCertInfo": self.client_cert_info,
+            "GetServingCert": self.serving_cert,
+            "GetStats": self.stats.get_stats,
         }
         gated.update(self.images.table())
         gated.update(self.pods.table() if self.pods is not None else
                      {name: _unavailable for name in POD_METHODS})
+        if self.pods is not None:
+            # kubectl port-forward: connections into the pods' networks.
+            gated.update(PortForwarder(self.pods).table())
         table = {name: self._after_handshake(fn) for name, fn in gated.items()}
         table["Handshake"] = self.handshake
         return table
@@ -76,6 +85,9 @@ class Services:
         # parent needs, and only once images are asked for.
         from pufflet.priv.imagestore import Store
         return Store(os.path.join(self.cfg.state_dir, "images"))
+
+    def _image_bytes(self) -> int:
+        return sum(img.size for img in self.images.store.list())
 
     def ping(self, body: dict, fds: list[int]) -> dict:
         return body
@@ -116,3 +128,11 @@ class Services:
         if info is None:
             return {"present": False, "not_before": 0, "not_after": 0}
         return {"present": True, "not_before": info.not_before, "not_after": info.not_after}
+
+    def serving_cert(self, body: dict, fds: list[int]) -> dict:
+        try:
+            owner = drop.lookup(self.cfg.user)
+        except drop.DropError as e:
+            raise Status("FAILED_PRECONDITION", str(e)) from None
+        info = pki.serving_cert(self.cfg, owner, body["addresses"])
+        return {"not_before": info.not_before, "not_after": info.not_after}

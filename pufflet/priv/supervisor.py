@@ -225,6 +225,17 @@ class Supervisor:
             pki.prepare(self.cfg, self.ident)
         except (OSError, pki.PkiError) as e:
             raise SystemExit(f"{self.cfg.state_dir}: {e}") from None
+        # Container logs, which the agent's node API reads (kubectl logs):
+        # its group may read, only root writes.  Made now because the
+        # agent's Landlock sandbox only covers paths that exist.
+        pods_logs = os.path.join(self.cfg.log_dir, "pods")
+        os.makedirs(pods_logs, mode=0o750, exist_ok=True)
+        st = os.lstat(pods_logs)
+        if not os.path.isdir(pods_logs) or os.path.islink(pods_logs) or st.st_uid != 0:
+            raise SystemExit(f"{pods_logs}: must be a directory owned by root")
+        if st.st_gid != self.ident.gid or st.st_mode & 0o7777 != 0o750:
+            os.chown(pods_logs, 0, self.ident.gid)
+            os.chmod(pods_logs, 0o750)
 
     def start_pods(self) -> None:
         """Load the pods' state, re-adopt running containers, sweep what is

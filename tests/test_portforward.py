@@ -1,0 +1,216 @@
+"""/portForward end to end: the real node API server over TLS, connections
+made by the real parent (privsep PortForward), SPDY from tests/spdyclient.py
+and WebSocket from the kubernetes Python client's PortForward.
+
+The echo servers are started by the test on the host's 127.0.0.1: pods
+share the host network until the pod network lands, and the parent dials
+127.0.0.1 for them.  One test puts a server in a network namespace of its
+own and has the parent dial from inside it, as it will for pods with one."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from kubernetes.client import Configuration
+from kubernetes.stream import ws_client
+
+import streamenv
+from spdyclient import SpdyClient
+from test_pods_priv import POD_A, env, reaper  # noqa: F401 - fixtures
+
+from pufflet.priv.portforward import PortForwarder
+from pufflet.privsep.channel import Status
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return streamenv.tool_layer()
+
+
+@pytest.fixture
+def node(env, tmp_path):  # noqa: F811
+    n = streamenv.Node(env, tmp_path)
+    n.container(["sleep", "60"])
+    yield n
+    n.close()
+
+
+class Echo:
+    """A TCP server on 127.0.0.1 that answers each connection with tag +
+    everything it received, once the client half-closes."""
+
+    def __init__(self, tag: bytes):
+        self.tag = tag
+        self.ls = socket.create_server(("127.0.0.1", 0))
+        self.port = self.ls.getsockname()[1]
+        self.conns = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.ls.accept()
+            except OSError:
+                return
+            self.conns += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        data = b""
+        while d := conn.recv(65536):
+            data += d
+        conn.sendall(self.tag + data)
+        conn.close()
+
+    def close(self):
+        self.ls.close()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_spdy_several_ports_concurrent_connections(node):
+    echoes = [Echo(b"A:"), Echo(b"B:")]
+    try:
+        c = SpdyClient.connect(node.addr, ["portforward.k8s.io"], path="/portForward/default/web",
+                               tls=node.client_tls)
+        assert c.status == 101 and c.protocol == "portforward.k8s.io"
+        conns = []
+        for i in range(8):
+            h = {"port": str(echoes[i % 2].port), "requestid": str(i)}
+            e = c.open({**h, "streamtype": "error"})
+            d = c.open({**h, "streamtype": "data"})
+            conns.append((i, e, d))
+        payloads = {i: os.urandom(300_000) for i in range(8)}
+        senders = [threading.Thread(target=c.send, args=(d, payloads[i], True))
+                   for i, e, d in conns]
+        for t in senders:
+            t.start()
+        for i, e, d in conns:
+            assert c.read_all(d, timeout=30) == echoes[i % 2].tag + payloads[i]
+            assert c.read_all(e) == b""
+        for t in senders:
+            t.join()
+        assert [e.conns for e in echoes] == [4, 4]
+        c.close()
+    finally:
+        for e in echoes:
+            e.close()
+
+
+def test_spdy_port_nobody_listens(node):
+    port = free_port()
+    c = SpdyClient.connect(node.addr, ["portforward.k8s.io"], path="/portForward/default/web",
+                           tls=node.client_tls)
+    h = {"port": str(port), "requestid": "0"}
+    e = c.open({**h, "streamtype": "error"})
+    d = c.open({**h, "streamtype": "data"})
+    msg = c.read_all(e).decode()
+    assert msg == (f"error forwarding port {port} to pod {POD_A}, uid : failed to connect to "
+                   f"localhost:{port} inside the pod's network: dial tcp4 127.0.0.1:{port}: "
+                   "connect: connection refused")
+    assert c.read_all(d) == b""
+    c.close()
+    # An unknown pod: refused before the upgrade.
+    c = SpdyClient.connect(node.addr, ["portforward.k8s.io"], path="/portForward/default/nope",
+                           tls=node.client_tls)
+    assert c.status == 404
+    c.sock.close()
+
+
+def test_websocket_kubernetes_client_two_ports(node):
+    backends = []
+    for tag in (b"A:", b"B:"):
+        ls = socket.create_server(("127.0.0.1", 0))
+
+        def serve(ls=ls, tag=tag):
+            try:
+                conn, _ = ls.accept()
+            except OSError:
+                return
+            while d := conn.recv(65536):
+                conn.sendall(tag + d.upper())
+            conn.close()
+        threading.Thread(target=serve, daemon=True).start()
+        backends.append(ls)
+    ports = [ls.getsockname()[1] for ls in backends]
+    dead = free_port()
+    try:
+        cfg = Configuration()
+        cfg.host = f"https://127.0.0.1:{node.addr[1]}"
+        cfg.ssl_ca_cert = node.ca
+        url = f"wss://127.0.0.1:{node.addr[1]}/portForward/default/web?ports={ports[0]},{ports[1]},{dead}"
+        ws = ws_client.create_websocket(cfg, url, {"sec-websocket-protocol": "v4.channel.k8s.io"})
+        pf = ws_client.PortForward(ws, ports + [dead])
+        for port, tag in zip(ports, (b"A:", b"B:")):
+            s = pf.socket(port)
+            s.settimeout(10)
+            s.sendall(b"hello")
+            want = tag + b"HELLO"
+            got = b""
+            while len(got) < len(want):
+                got += s.recv(100)
+            assert got == want
+            assert pf.error(port) is None
+        deadline = time.monotonic() + 10
+        while pf.error(dead) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert pf.error(dead).startswith(f"error forwarding port {dead} to pod {POD_A}")
+        assert "connection refused" in pf.error(dead)
+        pf.close()
+    finally:
+        for ls in backends:
+            ls.close()
+
+
+def test_priv_refuses_unknown_pods(node):
+    with pytest.raises(Status) as e:
+        node.priv.call("PortForward", {"pod_uid": "0c0c0c0c-0000-4000-8000-00000000000c",
+                                       "port": 80})
+    assert e.value.code == "NOT_FOUND"
+
+
+@pytest.mark.skipif(not shutil.which("ip") or os.geteuid() != 0, reason="needs ip(8) and root")
+def test_priv_dials_from_inside_a_network_namespace(node):
+    """A server listening on 127.0.0.1 of a network namespace is reached
+    through it, and not through the host's loopback."""
+    ns = f"pufflet-pftest-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    srv = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        port = free_port()
+        srv = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c",
+             "import socket,sys\n"
+             f"s=socket.create_server(('127.0.0.1',{port}));print('up',flush=True)\n"
+             "c,_=s.accept();c.sendall(b'inside:'+c.recv(100));c.close()"],
+            stdout=subprocess.PIPE)
+        assert srv.stdout.readline() == b"up\n"
+        pods = {POD_A: {"host_network": False}}
+        fwd = PortForwarder(type("R", (), {"pods": pods})(), netns_of=lambda uid, pod: ns)
+        _, fds = fwd.port_forward({"pod_uid": POD_A, "port": port}, [])
+        s = socket.socket(fileno=fds[0])
+        s.sendall(b"hi")
+        assert s.recv(100) == b"inside:hi"
+        s.close()
+        host = PortForwarder(type("R", (), {"pods": pods})(), netns_of=lambda uid, pod: None)
+        with pytest.raises(Status) as e:       # nobody on the host's port
+            host.port_forward({"pod_uid": POD_A, "port": port}, [])
+        assert "connection refused" in e.value.message
+    finally:
+        if srv is not None:
+            srv.kill()
+            srv.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -1,0 +1,195 @@
+"""/exec and /attach end to end: the real node API server over TLS, the
+real parent starting real processes chrooted in a real pod, and clients
+that share no code with the server: tests/spdyclient.py for SPDY (as
+client-go), the kubernetes Python client's WSClient for WebSocket."""
+
+import json
+import time
+import urllib.parse
+
+import pytest
+from kubernetes.client import Configuration
+from kubernetes.stream import ws_client
+
+import spdyclient as sc
+import streamenv
+from spdyclient import SpdyClient
+from test_pods_priv import POD_A, Events, env, reaper  # noqa: F401 - fixtures
+
+from pufflet.nodeapi import remotecommand
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return streamenv.tool_layer()
+
+
+@pytest.fixture
+def node(env, tmp_path):  # noqa: F811
+    n = streamenv.Node(env, tmp_path)
+    yield n
+    n.close()
+
+
+def q(**kw):
+    pairs = []
+    for k, v in kw.items():
+        pairs += [(k, x) for x in v] if isinstance(v, list) else [(k, v)]
+    return urllib.parse.urlencode(pairs)
+
+
+def spdy_exec(node, path, protocols=("v4.channel.k8s.io",)):
+    return SpdyClient.connect(node.addr, list(protocols), path=path, tls=node.client_tls)
+
+
+def open_streams(c, kinds):
+    streams = {k: c.open({"streamtype": k}) for k in kinds}
+    for st in streams.values():
+        c.wait_reply(st)
+    return streams
+
+
+def test_spdy_exec_pipes_and_exit_code(node):
+    node.container(["sleep", "60"])
+    # The API server's parameter names (input/output/error), as it proxies.
+    path = "/exec/default/web/c?" + q(command=["sh", "-c", 'cat; echo "err $GREETING" >&2; '
+                                               "pwd >&2; exit 3"], input="1", output="1",
+                                      error="1")
+    c = spdy_exec(node, path, ["v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io"])
+    assert c.status == 101 and c.protocol == "v4.channel.k8s.io"
+    s = open_streams(c, ["error", "stdin", "stdout", "stderr"])
+    payload = b"hello from stdin\n" * 5000          # past every window
+    c.send(s["stdin"], payload, fin=True)            # FIN: cat sees EOF
+    assert c.read_all(s["stdout"]) == payload
+    assert c.read_all(s["stderr"]) == b"err hello from the container env\n/tmp\n"
+    status = c.read_all(s["error"])
+    assert sc.parse_exit_code(status) == 3
+    assert json.loads(status)["reason"] == "NonZeroExitCode"
+    c.close()
+
+
+def test_spdy_exec_tty_and_resize(node):
+    node.container(["sleep", "60"])
+    path = "/exec/default/web/c?" + q(command=["sh", "-c", "while read x; do stty size; done"],
+                                      stdin="1", stdout="1", tty="1")
+    c = spdy_exec(node, path)
+    s = open_streams(c, ["error", "stdin", "stdout", "resize"])
+    c.send(s["resize"], b'{"Width":100,"Height":37}\n')
+    deadline = time.monotonic() + 10
+    while b"37 100" not in s["stdout"].data:
+        assert time.monotonic() < deadline, bytes(s["stdout"].data)
+        c.send(s["stdin"], b"go\n")
+        time.sleep(0.1)
+    c.send(s["resize"], b'{"Width":81,"Height":25}')
+    deadline = time.monotonic() + 10
+    while b"25 81" not in s["stdout"].data:
+        assert time.monotonic() < deadline, bytes(s["stdout"].data)
+        c.send(s["stdin"], b"go\n")
+        time.sleep(0.1)
+    c.send(s["stdin"], b"\x04")                      # ^D: read fails, the loop ends
+    out = c.read_all(s["stdout"])
+    assert b"go\r\n" in out                          # the terminal echoes
+    assert sc.parse_exit_code(c.read_all(s["error"])) == 0
+    c.close()
+
+
+def test_spdy_exec_missing_binary_and_refusals(node):
+    node.container(["sleep", "60"])
+    c = spdy_exec(node, "/exec/default/web/c?" + q(command="nope", stdout="1"))
+    s = open_streams(c, ["error", "stdout"])
+    status = json.loads(c.read_all(s["error"]))
+    assert status["status"] == "Failure" and status["reason"] == "InternalError"
+    assert "nope" in status["message"] and "searched PATH=/bin" in status["message"]
+    c.close()
+    # Refused before the upgrade, as the kubelet: plain text.
+    for path, code, words in [
+            ("/exec/default/nosuch/c?" + q(command="sh", stdout="1"), 404, b"pod does not exist"),
+            ("/exec/default/web/x?" + q(command="sh", stdout="1"), 404, b"container not found"),
+            ("/exec/default/web/c?" + q(stdout="1"), 400, b"at least one command"),
+            ("/exec/default/web/c?" + q(command="sh"), 400, b"at least 1 of stdin"),
+            ("/attach/default/web/c?" + q(stdin="1", stdout="1"), 400,
+             remotecommand.ATTACH_STDIN_REFUSED.encode())]:
+        c = spdy_exec(node, path)
+        assert (c.status, words in c.body) == (code, True), (path, c.status, c.body)
+        c.sock.close()
+    c = spdy_exec(node, "/exec/default/web/c?" + q(command="sh", stdout="1"), ["v9.x"])
+    assert c.status == 403
+    c.sock.close()
+
+
+def k8s_config(node):
+    cfg = Configuration()
+    cfg.host = f"https://127.0.0.1:{node.addr[1]}"
+    cfg.ssl_ca_cert = node.ca
+    return cfg
+
+
+def wss(node, path):
+    return f"wss://127.0.0.1:{node.addr[1]}{path}"
+
+
+def test_websocket_exec_v4_kubernetes_client(node):
+    node.container(["sleep", "60"])
+    url = wss(node, "/exec/default/web/c?" + q(
+        command=["sh", "-c", 'read line; echo "got $line"; echo err >&2; exit 3'],
+        stdin="true", stdout="true", stderr="true"))
+    c = ws_client.WSClient(k8s_config(node), url, {"sec-websocket-protocol": "v4.channel.k8s.io"},
+                           capture_all=True)
+    assert c.subprotocol == "v4.channel.k8s.io"
+    c.write_stdin("hello\n")
+    c.run_forever(timeout=20)
+    assert not c.is_open()
+    assert c.read_stdout() == "got hello\n"
+    assert c.read_stderr() == "err\n"
+    assert c.returncode == 3
+
+
+def test_websocket_exec_v5_closes_stdin(node):
+    node.container(["sleep", "60"])
+    url = wss(node, "/exec/default/web/c?" + q(command=["sh", "-c", "cat; echo err >&2; exit 4"],
+                                               stdin="1", stdout="1", stderr="1"))
+    c = ws_client.WSClient(k8s_config(node), url, None, capture_all=True)
+    assert c.subprotocol == "v5.channel.k8s.io"
+    c.write_stdin("line one\nline two\n")
+    c.close_channel(0)                  # cat sees EOF
+    c.run_forever(timeout=20)
+    assert c.read_stdout() == "line one\nline two\n"
+    assert c.read_stderr() == "err\n"
+    assert c.returncode == 4
+
+
+def test_attach_follows_the_container_output(node):
+    st = node.container(["sh", "-c", "i=0; while [ $i -lt 25 ]; do echo out $i; echo err $i >&2; "
+                         "i=$((i+1)); sleep 0.1; done"])
+    ev = Events(node.priv)
+    time.sleep(0.5)
+    c = spdy_exec(node, "/attach/default/web/c?" + q(stdout="1", stderr="1"))
+    assert c.status == 101
+    s = open_streams(c, ["error", "stdout", "stderr"])
+    out = c.read_all(s["stdout"], timeout=20).decode()
+    err = c.read_all(s["stderr"], timeout=20).decode()
+    assert sc.parse_exit_code(c.read_all(s["error"])) == 0
+    ev.wait(container_id=st["container_id"])
+    lines = out.splitlines()
+    # From the attach on (not the start: attach shows nothing of the past),
+    # to the very end, in order, stdout and stderr apart.
+    assert lines and lines[-1] == "out 24" and lines[0] != "out 0", lines
+    assert lines == [f"out {i}" for i in range(int(lines[0].split()[1]), 25)]
+    assert err.splitlines()[-1] == "err 24" and "out" not in err
+    c.close()
+
+
+def test_client_leaving_ends_the_exec(node):
+    node.container(["sleep", "60"])
+    ev = Events(node.priv)
+    c = spdy_exec(node, "/exec/default/web/c?" + q(command="cat", stdin="1", stdout="1"))
+    s = open_streams(c, ["error", "stdin", "stdout"])
+    c.send(s["stdin"], b"x\n")
+    assert c.wait(lambda: bytes(s["stdout"].data) == b"x\n", 10)
+    c.close()            # gone without a word: cat's stdin must end
+    deadline = time.monotonic() + 10
+    while True:
+        got = ev.q.get(timeout=max(0.01, deadline - time.monotonic()))
+        if got.get("exec_id"):
+            break
+    assert got["exit_code"] == 0

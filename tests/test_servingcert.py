@@ -339,6 +339,22 @@ def test_denied_and_failed_requests_are_reported(node, caplog):
     assert node.rotations == 0
 
 
+def test_parent_refuses_serving_csrs_unless_configured(tmp_path):
+    cfg = config.parse(f'user "nobody"\nnode name "{NODE}"\nstate directory "{tmp_path}/s"\n'
+                       f'kubeconfig "{tmp_path}/kc"\n')
+    pki.prepare(cfg, drop.lookup("nobody"))
+    spec = specmod.load()
+    table = Services(cfg, spec).table()
+    table["Handshake"]({"spec_version": spec.version, "spec_digest": spec.digest,
+                        "agent_version": "test"}, [])
+    for method, body in (("CreateServingCSR", {"addresses": ["192.0.2.1"]}),
+                         ("StoreServingCert", {"cert_pem": "x"})):
+        with pytest.raises(Status) as e:
+            table[method](body, [])
+        assert e.value.code == "FAILED_PRECONDITION" and "not configured" in e.value.message
+    assert not {pki.SERVING_PENDING, pki.SERVING_PENDING_CSR} & files(cfg)
+
+
 def test_config_statement():
     cfg = config.parse('kubeconfig "/k"\ntls certificate csr\n')
     assert cfg.tls_csr and cfg.tls_cert is None and tls.self_signed(cfg)

@@ -597,7 +597,9 @@ def serving_names(cfg: Config, addresses: list[str]) -> tuple[list[str], list[st
 def _extensions(kind: str, pem: bytes) -> list[str]:
     """The lines openssl prints for the extensions of a certificate (kind
     "x509") or a request ("req"), and nothing else: no subject or issuer
-    text a signer chose, which could pose as an extension line."""
+    text a signer chose, which could pose as an extension line.
+    x509 -certopt and req -reqopt take the same no_* names in LibreSSL's
+    openssl(1) (set_cert_ex) and OpenSSL's."""
     if kind == "x509":
         skip = ("-certopt", "no_header,no_version,no_serial,no_signame,no_validity,"
                 "no_subject,no_issuer,no_pubkey,no_sigdump,no_aux")

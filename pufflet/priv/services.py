@@ -142,10 +142,18 @@ class Services:
 
     # -- the serving certificate from the cluster ('tls certificate csr') ---
 
+    def _want_serving_csr(self) -> None:
+        # Only when the admin asked for it: an agent cannot start asking
+        # the cluster for certificates in the node's name on its own.
+        if not self.cfg.tls_csr:
+            raise Status("FAILED_PRECONDITION", "'tls certificate csr' is not configured")
+
     def create_serving_csr(self, body: dict, fds: list[int]) -> dict:
+        self._want_serving_csr()
         return {"csr_pem": pki.create_serving_csr(self.cfg, body["addresses"])}
 
     def store_serving_cert(self, body: dict, fds: list[int]) -> dict:
+        self._want_serving_csr()
         try:
             owner = drop.lookup(self.cfg.user)
         except drop.DropError as e:

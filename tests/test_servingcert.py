@@ -339,6 +339,26 @@ def test_denied_and_failed_requests_are_reported(node, caplog):
     assert node.rotations == 0
 
 
+def test_a_failed_load_is_retried_without_a_new_request(node, caplog):
+    api, port = node.emu, node.port
+    load, calls = node.on_cert, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk on fire")
+        load()
+    node.on_cert = flaky
+    node.start()
+    (first,) = wait(lambda: csrs(api), 10, "a serving CSR")
+    api.approve_csr(first["metadata"]["name"])
+    wait(lambda: node.rotations == 1, 10, "the certificate loaded on the second try")
+    assert len(calls) == 2 and len(csrs(api)) == 1
+    assert verify(api.ca.cert, served(port).encode())
+    assert any("cannot load it: disk on fire; trying again" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_parent_refuses_serving_csrs_unless_configured(tmp_path):
     cfg = config.parse(f'user "nobody"\nnode name "{NODE}"\nstate directory "{tmp_path}/s"\n'
                        f'kubeconfig "{tmp_path}/kc"\n')
@@ -384,7 +404,8 @@ def test_daemon_swaps_in_the_issued_certificate(public_tmp):
         m = d.wait_for(r"certificate approve (csr-\w+)", timeout=20)
         assert not verify(api.ca.cert, served(port).encode())
         api.approve_csr(m.group(1))
-        d.wait_for(r"serving certificate from the cluster in use for test-node", timeout=10)
+        d.wait_for(r"serving certificate from the cluster installed for test-node", timeout=10)
+        d.wait_for(r"serving certificate from the cluster in use", timeout=5)
         pem = served(port)
         assert verify(api.ca.cert, pem.encode())
         assert openssl("x509", "-noout", "-subject", "-nameopt", "RFC2253",

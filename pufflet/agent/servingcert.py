@@ -76,13 +76,17 @@ class ServingRotator(threading.Thread):
         self.rotations = 0
         self._due: tuple[int, float] | None = None     # (not_after, renew at)
         self._serving = serving     # what the server presents, for the log
+        self._unloaded = False      # installed by the parent, not yet served
 
     def run(self) -> None:
         while not self.stop.is_set():
+            if self._unloaded and not self._load():
+                self.stop.wait(self.poll)
+                continue
             try:
                 cert = info(self.priv)
                 want = sorted(set(self.addresses()))
-            except (Status, OSError) as e:
+            except Exception as e:      # noqa: BLE001 - logged and retried
                 d = self.backoff.delay()
                 log.error("serving certificate: %s; retrying in %.0fs", e, d)
                 self.stop.wait(d)
@@ -141,9 +145,24 @@ class ServingRotator(threading.Thread):
                                             signer=SIGNER, usages=USAGES,
                                             generate_name="csr-", submitted=self._submitted)
         out = self.priv.call("StoreServingCert", {"cert_pem": pem}).body
-        self.on_cert()
-        self.rotations += 1
-        self._serving = "cluster-issued"
-        log.info("serving certificate from the cluster in use for %s, valid until %s",
+        log.info("serving certificate from the cluster installed for %s, valid until %s",
                  ", ".join(out["dns_names"] + out["addresses"]),
                  time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(out["not_after"])))
+        self._load()
+
+    def _load(self) -> bool:
+        """Swap the installed certificate into the server.  A failure is
+        tried again at the next poll: the certificate is the parent's now,
+        and asking for another would need another approval."""
+        try:
+            self.on_cert()
+        except Exception as e:      # noqa: BLE001 - the thread must go on
+            log.error("serving certificate: cannot load it: %s; trying again in %.0fs",
+                      e, self.poll)
+            self._unloaded = True
+            return False
+        self._unloaded = False
+        self.rotations += 1
+        self._serving = "cluster-issued"
+        log.info("serving certificate from the cluster in use")
+        return True

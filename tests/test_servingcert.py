@@ -250,7 +250,7 @@ def node(tmp_path):
     s.start()
     k = kube.api_client(kube.load_kubeconfig(str(api.kubeconfig(f"system:node:{NODE}"))))
     stop = threading.Event()
-    rot = servingcert.ServingRotator(cfg, priv.client, k, lambda: list(addresses),
+    rot = servingcert.ServingRotator(priv.client, k, lambda: list(addresses),
                                      lambda: app.reload_csr_cert(cfg, prep, s), stop,
                                      backoff=bootstrap.Backoff(0.2, 0.5), wait=20, poll=0.2)
     rot.port, rot.addresses_list, rot.emu = port, addresses, api

@@ -225,7 +225,7 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
             # 'tls certificate csr' needs a kubeconfig (config.py), so api
             # is None only when TLS bootstrap was stopped.
             servingcert.ServingRotator(
-                cfg, client, api, lambda: [a] if (a := address()) else [],
+                client, api, lambda: [a] if (a := address()) else [],
                 lambda: nodeapi.reload_csr_cert(cfg, prepared, server), stop,
                 serving=serving).start()
         # kubectl top: /stats/summary and /metrics/resource from the

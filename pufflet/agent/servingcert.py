@@ -30,8 +30,7 @@ from typing import Callable
 from kubernetes import client as k8s
 
 from pufflet.agent import bootstrap
-from pufflet.config import Config
-from pufflet.privsep.channel import Client, Status
+from pufflet.privsep.channel import Client
 
 log = logging.getLogger("pufflet.agent.servingcert")
 
@@ -63,13 +62,13 @@ class ServingRotator(threading.Thread):
     """Gets a serving certificate from the cluster and keeps it fresh;
     on_cert() is called after each one is installed, to load it."""
 
-    def __init__(self, cfg: Config, priv: Client, api: k8s.ApiClient,
+    def __init__(self, priv: Client, api: k8s.ApiClient,
                  addresses: Callable[[], list[str]], on_cert: Callable[[], None],
                  stop: threading.Event, *, backoff: bootstrap.Backoff | None = None,
                  wait: float = CSR_WAIT, poll: float = POLL,
                  serving: str = "self-signed") -> None:
         super().__init__(name="serving-cert", daemon=True)
-        self.cfg, self.priv, self.api = cfg, priv, api
+        self.priv, self.api = priv, api
         self.addresses, self.on_cert, self.stop = addresses, on_cert, stop
         self.backoff = backoff or bootstrap.Backoff()
         self.wait, self.poll = wait, poll
@@ -77,6 +76,7 @@ class ServingRotator(threading.Thread):
         self._due: tuple[int, float] | None = None     # (not_after, renew at)
         self._serving = serving     # what the server presents, for the log
         self._unloaded = False      # installed by the parent, not yet served
+        self._said_no_address = False
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -98,7 +98,10 @@ class ServingRotator(threading.Thread):
             if not want:
                 # The kubelet does not ask without addresses either: the
                 # API server reaches a node by its address.
-                log.warning("serving certificate: %s, but no node address is known yet", why)
+                if not self._said_no_address:
+                    log.warning("serving certificate: %s, but no node address is known yet",
+                                why)
+                    self._said_no_address = True
                 self.stop.wait(self.poll)
                 continue
             log.info("serving certificate: %s; asking the cluster (signer %s)", why, SIGNER)

@@ -107,6 +107,7 @@ class Config:
     image_gc_low: int = 80      # ... until usage is below this
     tls_client_ca: str | None = None    # CA bundle for node API client certificates
     node_api_open: bool = False         # 'node api authentication none': a lab only
+    tls_csr: bool = False               # 'tls certificate csr': serving cert from the cluster
     cluster_dns: tuple[str, ...] = ()   # dnsPolicy ClusterFirst's nameservers
     cluster_domain: str = "cluster.local"
 
@@ -401,7 +402,9 @@ class _Parser:
         v.update(self.v)
         self.check_uid_range(v)
         self.check_status_intervals(v)
-        if ("tls certificate" in self.seen) != ("tls key" in self.seen):
+        if v.get("tls_csr"):
+            self.check_tls_csr(v)
+        elif ("tls certificate" in self.seen) != ("tls key" in self.seen):
             have, lack = (("tls certificate", "tls key")
                           if "tls certificate" in self.seen
                           else ("tls key", "tls certificate"))
@@ -422,6 +425,15 @@ class _Parser:
             taints=taints,
             hostpaths=tuple(h for h, _ in self.hostpaths.values()),
             **v)
+
+    def check_tls_csr(self, v: dict[str, Any]) -> None:
+        where = self.seen["tls certificate"]
+        if "tls key" in self.seen:
+            # The key of a requested certificate is made by pufflet.
+            self.error(self.seen["tls key"], "'tls key' given with 'tls certificate csr'")
+        if not v.get("kubeconfig"):
+            self.error(where, "'tls certificate csr' needs a 'kubeconfig': only the "
+                              "API server can sign the request")
 
     def check_uid_range(self, v: dict[str, Any]) -> None:
         lo, hi, maxpods = v["pod_uid_min"], v["pod_uid_max"], v["max_pods"]
@@ -697,9 +709,14 @@ def _listen_on(p: _Parser, a: _Args) -> None:
     p.v["listen_address"] = addr
 
 
-@_statement("tls certificate")
+@_statement("tls certificate", options=("csr",))
 def _tls_certificate(p: _Parser, a: _Args) -> None:
-    p.v["tls_cert"] = a.path()
+    # 'csr': ask the cluster (signer kubernetes.io/kubelet-serving), as the
+    # kubelet's serverTLSBootstrap does; see agent/servingcert.py.
+    if a.keyword("csr"):
+        p.v["tls_csr"] = True
+        return
+    p.v["tls_cert"] = a.path("an absolute path or 'csr'")
 
 
 @_statement("tls key")

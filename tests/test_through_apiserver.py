@@ -119,7 +119,11 @@ def test_node_refuses_an_api_server_it_does_not_trust(cluster, tmp_path):
     try:
         with pytest.raises(ApiException) as e:
             core.read_namespaced_pod_log("web", "default", _request_timeout=10)
-        assert e.value.status == 500 and "UNKNOWN_CA" in e.value.body, e.value.body
+        # Over TLS 1.3 the client may see the connection end before the
+        # alert arrives; either way the handshake failed and nothing leaked.
+        assert e.value.status == 500, e.value.body
+        assert "UNKNOWN_CA" in e.value.body or "EOF occurred" in e.value.body, e.value.body
+        assert "tick" not in e.value.body
     finally:
         api.kubelet_client_cert = saved
     assert core.read_namespaced_pod_log("web", "default", tail_lines=1).startswith("tick ")

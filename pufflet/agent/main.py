@@ -110,7 +110,7 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
         # this module and must never load the kubernetes client; and now,
         # before the drop and the sandbox, while its files are readable.
         import encodings.idna  # noqa: F401 - for a DNS name in a server URL
-        from pufflet.agent import bootstrap, kube, node
+        from pufflet.agent import bootstrap, kube, node, servingcert
     # The pod workers, in every mode: static pods run standalone too.  Like
     # everything the agent uses, imported before the drop.
     from pufflet.agent import pods
@@ -205,15 +205,29 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     if prepared is not None:
         lookup, listing = nodeapi_pods.from_manager(manager)
 
+        address = _cached(lambda: cfg.node_address or (
+            agent.address() if agent is not None else None), 30.0)
+
         def serving_cert() -> None:
-            addr = cfg.node_address or (agent.address() if agent is not None else None)
+            addr = address()
             client.call("GetServingCert", {"addresses": [addr] if addr else []})
+
+        def csr_cert_usable() -> bool:
+            return servingcert.usable(servingcert.info(client), time.time())
         try:
-            server = nodeapi.start(cfg, prepared, api, serving_cert, lookup, listing)
+            ctx, serving = nodeapi.initial_context(cfg, prepared, serving_cert, csr_cert_usable)
+            server = nodeapi.start(cfg, prepared, api, ctx, lookup, listing)
         except (OSError, ValueError, Status) as e:
             log.error("node API: %s", e)
             manager.close()
             return 1
+        if cfg.tls_csr and api is not None:
+            # 'tls certificate csr' needs a kubeconfig (config.py), so api
+            # is None only when TLS bootstrap was stopped.
+            servingcert.ServingRotator(
+                client, api, lambda: [a] if (a := address()) else [],
+                lambda: nodeapi.reload_csr_cert(cfg, prepared, server), stop,
+                serving=serving).start()
         # kubectl top: /stats/summary and /metrics/resource from the
         # parent's accounting, sampled in the background too so that CPU
         # of processes that end between scrapes is not missed.

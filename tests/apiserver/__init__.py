@@ -66,7 +66,10 @@ class ApiServer:
         """directory: where the PKI and kubeconfigs go (the CA is reused if
         present; pass ca_dir to share one CA between several emulators).
         csr_duration: cap in seconds on signed certificates (the real minimum of
-        600 s on spec.expirationSeconds still applies to what clients ask for)."""
+        600 s on spec.expirationSeconds still applies to what clients ask for).
+        auto_approve_csr: approve node client CSRs as kube-controller-manager
+        does (signer kube-apiserver-client-kubelet only; kubelet-serving CSRs
+        wait for approve_csr, as for an admin's kubectl certificate approve)."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca = CA(Path(ca_dir) if ca_dir else self.dir / "pki")

@@ -499,7 +499,8 @@ class _Handler(BaseHTTPRequestHandler):
         out = api.store.create(res, body, info.namespace or None, dry_run=self._dry(),
                                user={"username": user.name, "groups": list(user.groups),
                                      "uid": user.uid}, admit=admit)
-        if res.kind == "CertificateSigningRequest" and api.auto_approve_csr and not self._dry():
+        if res.kind == "CertificateSigningRequest" and api.auto_approve_csr and not self._dry() \
+                and (body.get("spec") or {}).get("signerName") == csrmod.AUTO_APPROVED_SIGNER:
             api.approve_csr(out["metadata"]["name"])
         self._send(201, out)
         return 201

@@ -109,6 +109,9 @@ class Config:
     node_api_open: bool = False         # 'node api authentication none': a lab only
     cluster_dns: tuple[str, ...] = ()   # dnsPolicy ClusterFirst's nameservers
     cluster_domain: str = "cluster.local"
+    # 'pod routes': the cluster's pod networks; routes to other nodes'
+    # podCIDRs inside them are kept (agent/podroutes.py, priv/podroutes.py).
+    pod_routes: tuple[str, ...] = ()
 
 
 DEFAULT_TAINT = Taint("pufflet.io/openbsd", "true", "NoSchedule")
@@ -649,6 +652,25 @@ def _pod_network(p: _Parser, a: _Args) -> None:
         if len(egress) > 15 or not _IFNAME.match(egress):
             raise _Error(f"invalid interface name '{egress}'")
     p.v["pod_network"] = PodNetwork(cidr, egress)
+
+
+# One cluster network per address family, as dual-stack clusters have
+# (the controller manager's --cluster-cidr takes at most two).
+@_statement("pod routes", repeatable=True)
+def _pod_routes(p: _Parser, a: _Args) -> None:
+    s = a.string("the cluster's pod network")
+    try:
+        net = ipaddress.ip_network(s, strict=True)
+    except ValueError as e:
+        raise _Error(f"invalid pod routes network: {e}") from None
+    if net.prefixlen == 0:
+        raise _Error(f"pod routes {s}: a cluster network, not every address")
+    have = p.v.get("pod_routes", ())
+    for other in have:
+        if ipaddress.ip_network(other).version == net.version:
+            raise _Error(f"pod routes {s}: an IPv{net.version} network is given "
+                         f"already ({other}); one per address family")
+    p.v["pod_routes"] = have + (str(net),)
 
 
 # resolv.conf(5) reads at most 3 nameservers (MAXNS), as the kubelet warns.

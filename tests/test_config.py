@@ -457,7 +457,7 @@ def test_incomplete_keyword():
                        "'status' or 'taint' after 'node'")
     check("node foo x\n", 1, "after 'node', got 'foo'")
     check("pod uid x\n", 1, "expected 'range' after 'pod uid', got 'x'")
-    check("pod\n", 1, "expected 'network' or 'uid' after 'pod'")
+    check("pod\n", 1, "expected 'network', 'routes' or 'uid' after 'pod'")
 
 
 def test_trailing_tokens():

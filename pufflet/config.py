@@ -53,6 +53,9 @@ class HostPath:
 class PodNetwork:
     cidr: str | None        # None: use the node's spec.podCIDR
     egress: str | None
+    # 'pod network from node' said: pods wait for the Node's podCIDR
+    # rather than share the node's network while it has none.
+    from_node: bool = False
 
 
 @dataclass(frozen=True)
@@ -651,7 +654,7 @@ def _pod_network(p: _Parser, a: _Args) -> None:
         egress = a.string("an interface name")
         if len(egress) > 15 or not _IFNAME.match(egress):
             raise _Error(f"invalid interface name '{egress}'")
-    p.v["pod_network"] = PodNetwork(cidr, egress)
+    p.v["pod_network"] = PodNetwork(cidr, egress, from_node=cidr is None)
 
 
 # One cluster network per address family, as dual-stack clusters have

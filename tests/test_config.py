@@ -903,9 +903,9 @@ def test_pod_network():
     c = config.parse("pod network fd00:0::/64 egress vlan.100\n")
     assert c.pod_network == PodNetwork("fd00::/64", "vlan.100")
     c = config.parse("pod network from node egress em0\n")
-    assert c.pod_network == PodNetwork(None, "em0")
+    assert c.pod_network == PodNetwork(None, "em0", from_node=True)
     assert config.parse("pod network from node\n").pod_network == \
-        PodNetwork(None, None)
+        PodNetwork(None, None, from_node=True)
 
 
 @pytest.mark.parametrize("args,fragment", [

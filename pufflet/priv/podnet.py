@@ -17,10 +17,10 @@ runs (netplan.apply undoes a half setup), then the pod is recorded
 know are released and everything named for them is swept.
 
 The OpenBSD checks (pf enabled, the pufflet anchor in the main ruleset,
-forwarding on) run when the node side is set up: at start when a table
-exists, else at the first pod.  Failing checks are logged at start, and
-every networked CreatePod answers with them until they pass; no restart
-needed once the admin has fixed pf.
+forwarding on) run at start, and again when the node side is set up (at
+start when the CIDR is known, else at the first pod).  Failing checks are
+logged at start, and every networked CreatePod answers with them until
+they pass; no restart needed once the admin has fixed pf.
 """
 
 from __future__ import annotations
@@ -225,6 +225,15 @@ class PodNetworks:
             except NetError as e:
                 self.problem = str(e)
                 log.error("pod network: %s", e)
+        else:
+            # The CIDR comes later with the Node; what would stop pod
+            # networks (pf, the anchor, forwarding) is said now, at start,
+            # and checked again at the first pod.
+            problems = self.backend.check()
+            if problems:
+                # A warning: the node may never get a CIDR.
+                self.problem = "pod networks cannot work: " + "; ".join(problems)
+                log.warning("%s", self.problem)
 
     def _stored_cidr(self) -> str | None:
         try:

@@ -257,13 +257,23 @@ def test_linux_routes_added_changed_removed_and_swept(tmp_path, link):
     # Node c moved to another address, node b is gone.
     r.set_pod_routes({"routes": [route("198.51.100.32/28", "203.0.113.14", "c")]}, [])
     assert ip_routes() == {"198.51.100.32/28": "203.0.113.14"}
-    # Someone removed it by hand: the periodic resync of a new parent puts it back.
+    # Someone removed it by hand: set again at the next refresh (the agent
+    # sends its set every 5 minutes) or by a restarted parent.
+    subprocess.run(("ip", "route", "del", "198.51.100.32/28", "proto", str(PROTO)),
+                   check=True)
+    want = [route("198.51.100.32/28", "203.0.113.14", "c")]
+    r.set_pod_routes({"routes": want}, [])
+    assert ip_routes() == {}                    # not yet: nothing changed
+    r.refreshed -= r.refresh
+    r.set_pod_routes({"routes": want}, [])
+    assert ip_routes() == {"198.51.100.32/28": "203.0.113.14"}
     subprocess.run(("ip", "route", "del", "198.51.100.32/28", "proto", str(PROTO)),
                    check=True)
     r2 = routes(tmp_path, link)
-    r2.set_pod_routes({"routes": [route("198.51.100.32/28", "203.0.113.14", "c"),
-                                  route("198.51.100.64/28", "203.0.113.15", "d")]}, [])
-    assert ip_routes() == {"198.51.100.32/28": "203.0.113.14", "198.51.100.64/28": "203.0.113.15"}
+    r2.set_pod_routes({"routes": want + [route("198.51.100.64/28", "203.0.113.15", "d")]},
+                      [])
+    assert ip_routes() == {"198.51.100.32/28": "203.0.113.14",
+                           "198.51.100.64/28": "203.0.113.15"}
     # A crash after the table was written and before the route went in:
     # the next start finds nothing to remove and says nothing.
     st = json.loads((tmp_path / "routes.json").read_text())

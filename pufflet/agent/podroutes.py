@@ -4,7 +4,8 @@ For every other Node with a podCIDR inside a 'pod routes' network and an
 InternalIP of the same family, a route to the podCIDR via that address:
 the agent lists and watches the Nodes and sends the whole set to the
 parent (SetPodRoutes) whenever it changes, and every RESYNC seconds
-anyway, which repairs a route someone removed by hand.  The parent
+anyway; the parent sets every route again every 5 minutes, which repairs
+a route someone removed by hand.  The parent
 checks each route and keeps its own routes in step (priv/podroutes.py).
 
 The first set is sent only after the first complete list of Nodes: a

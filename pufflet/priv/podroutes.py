@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,6 +47,7 @@ log = logging.getLogger("pufflet.priv.podroutes")
 TABLE = "routes.json"
 MAX_ROUTES = 1000       # as the spec's SetPodRoutesRequest
 REASON_LEN = 256        # as the spec's RefusedRoute.reason
+REFRESH = 300.0         # seconds between settings of every route
 _VERSION = 1
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -57,7 +59,7 @@ class RouteError(Exception):
 
 class PodRoutes:
     def __init__(self, state_dir: str, clusters: Iterable[str], backend: Any,
-                 own: Callable[[], str | None]) -> None:
+                 own: Callable[[], str | None], refresh: float = REFRESH) -> None:
         """clusters: the 'pod routes' networks; backend: podnet's
         LinuxBackend or OpenBSDBackend (None: no routes on this OS);
         own: this node's pod CIDR, if known."""
@@ -69,7 +71,11 @@ class PodRoutes:
         self.recorded: dict[str, list[str]] = self._load()
         # cidr -> gateway set in the kernel by this process.
         self.applied: dict[str, str] = {}
-        if self.recorded and (not self.clusters or backend is None):
+        # Routes are set again, changed or not, once per refresh: a route
+        # someone removed by hand comes back within that time.
+        self.refresh = refresh
+        self.refreshed = time.monotonic()
+        if self.recorded and not self.clusters and backend is not None:
             log.info("'pod routes' is not configured: removing the %d routes to "
                      "other nodes' pods", len(self.recorded))
             self._remove(list(self.recorded))
@@ -150,6 +156,9 @@ class PodRoutes:
                          "implemented on this system")
         if not self.clusters:
             raise Status("FAILED_PRECONDITION", "pufflet.conf has no 'pod routes'")
+        if time.monotonic() - self.refreshed >= self.refresh:
+            self.applied.clear()
+            self.refreshed = time.monotonic()
         want, refused = self._accept(body["routes"])
         self._remove([c for c in self.recorded if c not in want])
         installed = self._install(want, refused)

@@ -403,3 +403,47 @@ def test_linux_nat_skips_the_cluster_network():
     ret = ipt.index(("iptables", "-w", "-t", "nat", "-A", "PUFFLET-POST", "-s",
                      "10.244.1.0/24", "-d", "10.244.0.0/16", "-j", "RETURN"))
     assert ipt[ret + 1][-2:] == ("-j", "MASQUERADE")
+
+
+@LIVE
+@pytest.mark.skipif(not shutil.which("nft"), reason="needs nft(8)")
+def test_a_pod_reaches_a_pod_of_another_node_by_its_address(tmp_path, link):
+    """Two nodes on one link: this host (pod network 198.51.100.0/28, a pod
+    in a netns) and node "b", a netns behind pfrt1 at 203.0.113.2 whose
+    pod 198.51.100.17 routes back to us.  With the route pufflet keeps, our
+    pod reaches b's pod, and b's pod sees our pod's own address: no NAT
+    inside the cluster network (without no_nat it sees 203.0.113.1)."""
+    from pufflet.platform import linux_net as L
+    from pufflet.priv.netplan import PodNet
+    from test_net_linux import Server, talk
+    names = L.Names(netns_prefix="pfrx-", veth_prefix="rv", bridge="pfrx0",
+                    table="pufflet_rx")
+    here = L.Node(OWN, "198.51.100.1", None, names, "nft", no_nat=(CLUSTER,))
+    pod = PodNet("0e0e0e0e-0000-4000-8000-0000000000ee", "198.51.100.2", 28,
+                 "198.51.100.1", 1)
+    b = "pfrx-nodeb"
+    forwarding = open("/proc/sys/net/ipv4/ip_forward").read()
+    run = L.runner()
+    try:
+        subprocess.run(("ip", "netns", "add", b), check=True)
+        for argv in (("ip", "link", "set", PEER, "netns", b),
+                     ("ip", "-n", b, "addr", "add", "203.0.113.2/24", "dev", PEER),
+                     ("ip", "-n", b, "link", "set", PEER, "up"),
+                     ("ip", "-n", b, "link", "set", "lo", "up"),
+                     ("ip", "-n", b, "addr", "add", "198.51.100.17/32", "dev", "lo"),
+                     ("ip", "-n", b, "route", "add", OWN, "via", "203.0.113.1")):
+            subprocess.run(argv, check=True)
+        netplan.apply(L.node_plan(here), run)
+        netplan.apply(L.pod_plan(here, pod), run)
+        r = routes(tmp_path, link, own=OWN)
+        ans = r.set_pod_routes({"routes": [route("198.51.100.16/28", "203.0.113.2", "b")]}, [])
+        assert ans == {"installed": 1, "refused": []}
+        srv = Server(b, "198.51.100.17", 7100)
+        assert talk(names.netns(pod.pod_uid), "198.51.100.17", 7100) == b"ping"
+        assert srv.peer() == pod.ip
+    finally:
+        netplan.teardown(L.pod_teardown(here, pod.pod_uid, False), run)
+        netplan.teardown(L.node_teardown(here), run)
+        subprocess.run(("ip", "netns", "del", b), capture_output=True)
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write(forwarding)

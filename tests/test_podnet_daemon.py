@@ -1,6 +1,7 @@
 """Pod networks through the whole daemon: `pufflet -d` (both halves, the
 agent unprivileged and sandboxed) against the API emulator, with the pod
-CIDR taken from node.spec.podCIDR as the controller manager sets it.
+CIDR taken from node.spec.podCIDR as the controller manager sets it, and
+'pod routes' to another node's podCIDR.
 
 The pod gets an address of that CIDR in its own network namespace and
 status.podIP/podIPs say so.  When the Node is registered again with
@@ -42,6 +43,7 @@ pytestmark = [
 CIDR, CIDR2 = "10.247.0.0/24", "10.247.1.0/24"
 UID_LO = 3_292_000
 IMAGE = "local/shell:1"
+LINK = "pfrd0"
 
 
 def pod(name: str) -> dict:
@@ -87,7 +89,23 @@ def test_pod_ip_from_the_node_pod_cidr_end_to_end(public_tmp):
     kc = api.kubeconfig("system:node:test-node")
     cfg = write_config(public_tmp, f'kubeconfig "{kc}"\npod network from node\n'
                                    f"pod uid range {UID_LO} {UID_LO + 99}\nmax pods 10\n"
-                                   f"listen on 127.0.0.1 port {free_port()}\n")
+                                   f"listen on 127.0.0.1 port {free_port()}\n"
+                                   "pod routes 10.247.0.0/16\n")
+    # Another node, on a link of this host (a veth pair, TEST-NET-3), that
+    # 'pod routes' routes to; the node may list Nodes (RBAC).
+    subprocess.run(("ip", "link", "add", LINK, "type", "veth", "peer", "name", LINK + "p"),
+                   check=True)
+    subprocess.run(("ip", "addr", "add", "203.0.113.1/24", "dev", LINK), check=True)
+    subprocess.run(("ip", "link", "set", LINK, "up"), check=True)
+    subprocess.run(("ip", "link", "set", LINK + "p", "up"), check=True)
+    api.allow("group:system:nodes", "list", "nodes")
+    api.allow("group:system:nodes", "watch", "nodes")
+    other = json.loads(core.create_node(
+        {"metadata": {"name": "other"},
+         "spec": {"podCIDR": "10.247.9.0/24", "podCIDRs": ["10.247.9.0/24"]}},
+        _preload_content=False).data)
+    other["status"] = {"addresses": [{"type": "InternalIP", "address": "203.0.113.9"}]}
+    core.replace_node_status("other", other, _preload_content=False)
     forwarding = open("/proc/sys/net/ipv4/ip_forward").read()
     d = Daemon(cfg)
 
@@ -126,6 +144,13 @@ def test_pod_ip_from_the_node_pod_cidr_end_to_end(public_tmp):
         addrs = subprocess.run(("ip", "-n", ns, "-o", "addr", "show", "eth0"),
                                capture_output=True, text=True).stdout
         assert f"inet {ip}/24" in addrs
+        # The route to the other node's pods, kept by the parent for the agent.
+        assert wait_until(lambda: "10.247.9.0/24 via 203.0.113.9 dev " + LINK in
+                          subprocess.run(("ip", "route", "show", "proto", "80"),
+                                         capture_output=True, text=True).stdout, 10), \
+            "\n".join(d.lines)
+        assert json.loads((state / "routes.json").read_text())["routes"] == {
+            "10.247.9.0/24": ["203.0.113.9"]}
 
         # The Node is deleted and registered again; the controller manager
         # gives it another podCIDR while "web" holds an address of the old.
@@ -177,7 +202,8 @@ def test_pod_ip_from_the_node_pod_cidr_end_to_end(public_tmp):
 def _clean() -> None:
     """What the daemon leaves on purpose (the node side survives a stop)
     and anything a failed run left: pods' processes, namespaces, the
-    bridge and the nft table."""
+    bridge, the nft table, the link to the other node and the route
+    through it."""
     for uid in range(UID_LO, UID_LO + 100):
         for p in pids_of_uid(uid):
             try:
@@ -188,6 +214,7 @@ def _clean() -> None:
                             text=True).stdout.split():
         if n.startswith("pufflet-"):
             subprocess.run(("ip", "netns", "del", n), capture_output=True)
+    subprocess.run(("ip", "link", "del", LINK), capture_output=True)
     for cidr, gw in ((CIDR, "10.247.0.1"), (CIDR2, "10.247.1.1")):
         node = L.Node(cidr, gw, None, L.Names(), "nft")
         L.sweep(node, ())

@@ -274,6 +274,13 @@ def test_linux_routes_added_changed_removed_and_swept(tmp_path, link):
                       [])
     assert ip_routes() == {"198.51.100.32/28": "203.0.113.14",
                            "198.51.100.64/28": "203.0.113.15"}
+    # Restarted while node c went away: its route stays until the first
+    # sync, which has only d.
+    r3 = routes(tmp_path, link)
+    assert ip_routes() == {"198.51.100.32/28": "203.0.113.14",
+                           "198.51.100.64/28": "203.0.113.15"}
+    r3.set_pod_routes({"routes": [route("198.51.100.64/28", "203.0.113.15", "d")]}, [])
+    assert ip_routes() == {"198.51.100.64/28": "203.0.113.15"}
     # A crash after the table was written and before the route went in:
     # the next start finds nothing to remove and says nothing.
     st = json.loads((tmp_path / "routes.json").read_text())
@@ -307,7 +314,7 @@ def put_node(admin, name, cidr, ip):
 
 
 @LIVE
-def test_agent_keeps_routes_in_step_with_the_nodes(tmp_path, link, api):
+def test_agent_keeps_routes_in_step_with_the_nodes(tmp_path, link, api, caplog):
     from kubernetes import client as k8s
     from daemon import wait_until
     admin = k8s.CoreV1Api(kube.api_client(kube.load_kubeconfig(str(api.kubeconfig("admin")))))
@@ -336,6 +343,8 @@ def test_agent_keeps_routes_in_step_with_the_nodes(tmp_path, link, api):
         assert wait_until(lambda: any(r.user == "system:node:self" and r.verb == "list"
                                       and r.status == 403 for r in api.request_log), 5)
         assert answers == [] and ip_routes() == {}
+        assert wait_until(lambda: "grant list and watch on nodes to the group "
+                          "system:nodes" in caplog.text, 5)
         api.allow("group:system:nodes", "list", "nodes")
         api.allow("group:system:nodes", "watch", "nodes")
         want = {"198.51.100.16/28": "203.0.113.12", "198.51.100.32/28": "203.0.113.13"}

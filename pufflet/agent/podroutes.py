@@ -44,9 +44,19 @@ class NodeInformer(PodInformer):
     def __init__(self, core: k8s.CoreV1Api, on_change: Callable[[str, dict | None], None],
                  stop: threading.Event) -> None:
         super().__init__(core, "", on_change, stop)
+        self._told = False
 
     def _list(self, **kw: Any) -> Any:
-        return self.core.list_node(**kw)
+        try:
+            return self.core.list_node(**kw)
+        except k8s.ApiException as e:
+            if e.status == 403 and not self._told:
+                # What to do about it, once; the informer logs the refusal.
+                log.error("'pod routes' needs to list and watch every Node, which "
+                          "the Node authorizer does not allow a node: grant list and "
+                          "watch on nodes to the group system:nodes (pufflet.conf(5))")
+                self._told = True
+            raise
 
 
 def wanted(nodes: Iterable[dict], self_name: str, clusters: Iterable[str]) -> list[dict]:

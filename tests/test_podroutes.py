@@ -62,6 +62,7 @@ def test_wanted_routes_from_nodes():
         node("e", [], ["203.0.113.15"]),                          # no podCIDR yet
         node("f", ["198.51.100.48/28"], ["203.0.113.16"], deletionTimestamp="2026-01-01T00:00:00Z"),
         node("a", ["198.51.100.64/28"], ["203.0.113.17"]),
+        node("g", ["fd00:10:0:7::/64"], ["fe80::7%eth0", "bogus"]),     # nothing usable
     ]
     got = agent_routes.wanted(nodes, "self", [CLUSTER, "fd00:10::/56"])
     assert got == [route("198.51.100.64/28", "203.0.113.17", "a"),
@@ -456,3 +457,15 @@ def test_a_pod_reaches_a_pod_of_another_node_by_its_address(tmp_path, link):
         subprocess.run(("ip", "netns", "del", b), capture_output=True)
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write(forwarding)
+
+
+@pytest.mark.parametrize("text", ['[1, 2]', '{"version": 9, "routes": {}}',
+                                  '{"version": 1, "routes": {"x": ["y"]}}', 'not json'])
+def test_a_damaged_table_is_logged_and_replaced(tmp_path, caplog, text):
+    (tmp_path / "routes.json").write_text(text)
+    r = routes(tmp_path)
+    assert r.recorded == {}
+    assert "routes.json" in caplog.text
+    r.set_pod_routes({"routes": [route("198.51.100.16/28", "203.0.113.12", "b")]}, [])
+    assert json.loads((tmp_path / "routes.json").read_text())["routes"] == {
+        "198.51.100.16/28": ["203.0.113.12"]}

@@ -74,9 +74,11 @@ def wanted(nodes: Iterable[dict], self_name: str, clusters: Iterable[str]) -> li
         for a in (node.get("status") or {}).get("addresses") or ():
             if a.get("type") == "InternalIP":
                 try:
-                    addrs.append(ipaddress.ip_address(a.get("address", "")))
+                    ip = ipaddress.ip_address(a.get("address", ""))
                 except ValueError:
                     continue
+                if getattr(ip, "scope_id", None) is None:     # no fe80::1%em0
+                    addrs.append(ip)
         for cidr in spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []):
             try:
                 net = ipaddress.ip_network(cidr)

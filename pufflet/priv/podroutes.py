@@ -90,13 +90,13 @@ class PodRoutes:
             return {}
         if st is None:
             return {}
-        routes = st.get("routes") if isinstance(st, dict) else None
-        if st.get("version") != _VERSION or not isinstance(routes, dict):
+        if (not isinstance(st, dict) or st.get("version") != _VERSION
+                or not isinstance(st.get("routes"), dict)):
             log.error("%s: not a version %d route table; starting without it",
                       self.path, _VERSION)
             return {}
         out = {}
-        for cidr, gws in routes.items():
+        for cidr, gws in st["routes"].items():
             try:
                 net = ipaddress.ip_network(cidr)
                 gws = [str(ipaddress.ip_address(g)) for g in gws]

@@ -469,3 +469,37 @@ def test_a_damaged_table_is_logged_and_replaced(tmp_path, caplog, text):
     r.set_pod_routes({"routes": [route("198.51.100.16/28", "203.0.113.12", "b")]}, [])
     assert json.loads((tmp_path / "routes.json").read_text())["routes"] == {
         "198.51.100.16/28": ["203.0.113.12"]}
+
+
+def test_openbsd_route_sync_golden(tmp_path):
+    """SetPodRoutes on OpenBSD, argv for argv (route(8)): add, a moved
+    node's change, a gone node's delete naming its gateway."""
+    table: dict[str, str] = {}
+    ran = []
+
+    def run(step):
+        ran.append(step.argv)
+        verb, cidr = step.argv[2], step.argv[-2]
+        if verb == "add" and cidr in table:
+            raise StepError(step, 1, "route: writing to routing socket: File exists",
+                            EXISTS)
+        if verb == "delete" and cidr not in table:
+            raise StepError(step, 1, f"delete net {cidr}: not in table", netplan.MISSING)
+        if verb == "delete":
+            del table[cidr]
+        else:
+            table[cidr] = step.argv[-1]
+    be = podnet.OpenBSDBackend()
+    be.run = run
+    r = PodRoutes(str(tmp_path), ["10.244.0.0/16"], be, lambda: "10.244.0.0/24")
+    r.set_pod_routes({"routes": [route("10.244.1.0/24", "192.0.2.11", "b"),
+                                 route("10.244.2.0/24", "192.0.2.12", "c")]}, [])
+    r.set_pod_routes({"routes": [route("10.244.2.0/24", "192.0.2.13", "c")]}, [])
+    R = ("/sbin/route", "-qn")
+    assert ran == [
+        (*R, "add", "-inet", "-label", "pufflet", "10.244.1.0/24", "192.0.2.11"),
+        (*R, "add", "-inet", "-label", "pufflet", "10.244.2.0/24", "192.0.2.12"),
+        (*R, "delete", "-inet", "10.244.1.0/24", "192.0.2.11"),
+        (*R, "add", "-inet", "-label", "pufflet", "10.244.2.0/24", "192.0.2.13"),
+        (*R, "change", "-inet", "-label", "pufflet", "10.244.2.0/24", "192.0.2.13")]
+    assert table == {"10.244.2.0/24": "192.0.2.13"}

@@ -53,6 +53,9 @@ class HostPath:
 class PodNetwork:
     cidr: str | None        # None: use the node's spec.podCIDR
     egress: str | None
+    # 'pod network from node' said: pods wait for the Node's podCIDR
+    # rather than share the node's network while it has none.
+    from_node: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ class Config:
     tls_csr: bool = False               # 'tls certificate csr': serving cert from the cluster
     cluster_dns: tuple[str, ...] = ()   # dnsPolicy ClusterFirst's nameservers
     cluster_domain: str = "cluster.local"
+    # 'pod routes': the cluster's pod networks; routes to other nodes'
+    # podCIDRs inside them are kept (agent/podroutes.py, priv/podroutes.py).
+    pod_routes: tuple[str, ...] = ()
 
 
 DEFAULT_TAINT = Taint("pufflet.io/openbsd", "true", "NoSchedule")
@@ -660,7 +666,26 @@ def _pod_network(p: _Parser, a: _Args) -> None:
         egress = a.string("an interface name")
         if len(egress) > 15 or not _IFNAME.match(egress):
             raise _Error(f"invalid interface name '{egress}'")
-    p.v["pod_network"] = PodNetwork(cidr, egress)
+    p.v["pod_network"] = PodNetwork(cidr, egress, from_node=cidr is None)
+
+
+# One cluster network per address family, as dual-stack clusters have
+# (the controller manager's --cluster-cidr takes at most two).
+@_statement("pod routes", repeatable=True)
+def _pod_routes(p: _Parser, a: _Args) -> None:
+    s = a.string("the cluster's pod network")
+    try:
+        net = ipaddress.ip_network(s, strict=True)
+    except ValueError as e:
+        raise _Error(f"invalid pod routes network: {e}") from None
+    if net.prefixlen == 0:
+        raise _Error(f"pod routes {s}: a cluster network, not every address")
+    have = p.v.get("pod_routes", ())
+    for other in have:
+        if ipaddress.ip_network(other).version == net.version:
+            raise _Error(f"pod routes {s}: an IPv{net.version} network is given "
+                         f"already ({other}); one per address family")
+    p.v["pod_routes"] = have + (str(net),)
 
 
 # resolv.conf(5) reads at most 3 nameservers (MAXNS), as the kubelet warns.

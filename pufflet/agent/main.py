@@ -110,7 +110,7 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
         # this module and must never load the kubernetes client; and now,
         # before the drop and the sandbox, while its files are readable.
         import encodings.idna  # noqa: F401 - for a DNS name in a server URL
-        from pufflet.agent import bootstrap, kube, node, servingcert
+        from pufflet.agent import bootstrap, kube, node, podroutes, servingcert
     # The pod workers, in every mode: static pods run standalone too.  Like
     # everything the agent uses, imported before the drop.
     from pufflet.agent import pods
@@ -194,6 +194,14 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
                                api.configuration.host, stop,
                                lambda: client.call("ListImages", {}).body["images"])
         agent.start()
+    keeper = None
+    if api is not None and cfg.pod_routes:
+        # Routes to other nodes' pods (agent/podroutes.py).
+        keeper = podroutes.RouteKeeper(
+            api, cfg.node_name, cfg.pod_routes,
+            lambda routes: client.call("SetPodRoutes", {"routes": routes},
+                                       timeout=120).body, stop)
+        keeper.start()
     manager = pods.PodManager(
         cfg, Runtime(client, None, stop), images, api=api,
         node_uid=(lambda: agent.uid) if agent is not None else (lambda: None),
@@ -245,6 +253,8 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     if server is not None:
         server.close()
     manager.close()
+    if keeper is not None:
+        keeper.close()
     if agent is not None:
         agent.close()
     client.close()

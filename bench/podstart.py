@@ -176,6 +176,16 @@ def pss_total(pids: dict[str, int]) -> dict[str, float]:
     return {k: pss_kib(p) / 1024 for k, p in pids.items()}
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """utime + stime of each process (and of this one: the emulator)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for k, pid in {**pids, "bench+emulator": os.getpid()}.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[k] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 # ---------------------------------------------------------------------------
 
 def pct(xs: list[float], p: float) -> float:
@@ -278,11 +288,13 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         time.sleep(1.0)
         idle = pss_total(pids)
         names = [f"many-{i}" for i in range(args.many)]
+        cpu0 = cpu_seconds(pids)
         t0 = time.perf_counter()
         for n in names:
             create(core, n)
         seen = watch.wait("running", names, 300)
         many_up = max(seen.values()) - t0
+        cpu1 = cpu_seconds(pids)
         time.sleep(2.0)
         full = pss_total(pids)
         per_pod = (sum(full.values()) - sum(idle.values())) / args.many
@@ -292,6 +304,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         print(f"PSS MiB, {args.many} pods: {fmt(full)} total={sum(full.values()):.1f} "
               f"(all Running {many_up:.2f} s after the first create)")
         print(f"per-pod overhead: {per_pod:.3f} MiB PSS (target <= 0.5; kubelet ~3.6)")
+        print(f"  CPU ms per pod started: " + " ".join(
+            f"{k}={(cpu1[k] - cpu0[k]) * 1000 / args.many:.1f}" for k in sorted(cpu1)))
         t0 = time.perf_counter()
         for n in names:
             delete(core, n)

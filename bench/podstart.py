@@ -35,6 +35,7 @@ Needs Linux and root (real chroots as real pod uids).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -289,12 +290,16 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         idle = pss_total(pids)
         names = [f"many-{i}" for i in range(args.many)]
         cpu0 = cpu_seconds(pids)
+        mark = len(api.request_log)
         t0 = time.perf_counter()
         for n in names:
             create(core, n)
         seen = watch.wait("running", names, 300)
         many_up = max(seen.values()) - t0
         cpu1 = cpu_seconds(pids)
+        calls = collections.Counter(
+            f"{r.verb} {_resource(r.path)}" for r in api.request_log[mark:]
+            if r.user == f"system:node:{NODE}")
         time.sleep(2.0)
         full = pss_total(pids)
         per_pod = (sum(full.values()) - sum(idle.values())) / args.many
@@ -306,6 +311,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         print(f"per-pod overhead: {per_pod:.3f} MiB PSS (target <= 0.5; kubelet ~3.6)")
         print(f"  CPU ms per pod started: " + " ".join(
             f"{k}={(cpu1[k] - cpu0[k]) * 1000 / args.many:.1f}" for k in sorted(cpu1)))
+        print(f"  API calls per pod started: {sum(calls.values()) / args.many:.1f} (" + ", ".join(
+            f"{k} {n / args.many:.2f}" for k, n in calls.most_common()) + ")")
         t0 = time.perf_counter()
         for n in names:
             delete(core, n)
@@ -322,6 +329,16 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         if api.bugs:
             print("emulator bugs:\n" + "\n".join(api.bugs))
         _kill_leftovers(tmp)
+
+
+def _resource(path: str) -> str:
+    """pods, pods/status, events, serviceaccounts/token... of an API path."""
+    parts = path.split("?")[0].strip("/").split("/")
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        parts = parts[parts.index("namespaces") + 2:]
+    else:
+        parts = parts[2:] if parts[0] == "api" else parts[3:]
+    return "/".join(parts[0:1] + parts[2:3])
 
 
 def _pods(core: k8s.CoreV1Api) -> list[dict]:

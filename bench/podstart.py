@@ -226,13 +226,14 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     api = ApiServer(tmp / "api").start()
     kc = api.kubeconfig(f"system:node:{NODE}")
     state = tmp / "state"
+    most = max(args.many, args.burst) + 10
     cfg = tmp / "pufflet.conf"
     cfg.write_text(
         f'user "nobody"\nnode name "{NODE}"\nkubeconfig "{kc}"\n'
         f'state directory "{state}"\nlog directory "{tmp}/log"\n'
         f'listen on 127.0.0.1 port {free_port()}\n'
-        f'pod uid range {UID_MIN} {UID_MIN + 2 * args.many}\n'
-        f'max pods {args.many + 10}\n')
+        f'pod uid range {UID_MIN} {UID_MIN + 2 * most}\n'
+        f'max pods {most}\n')
     subprocess.run(["sh", "examples/mkimage.sh", "-f", str(cfg), "-t", IMAGE], cwd=REPO,
                    env={**os.environ, "PUFFLETCTL": f"{sys.executable} -m pufflet.ctl"},
                    check=True, stdout=subprocess.DEVNULL)

@@ -329,7 +329,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         api.stop()
         if api.bugs:
             print("emulator bugs:\n" + "\n".join(api.bugs))
-        _kill_leftovers(tmp)
+        _kill_leftovers(tmp, UID_MIN + 2 * most)
 
 
 def _resource(path: str) -> str:
@@ -346,11 +346,12 @@ def _pods(core: k8s.CoreV1Api) -> list[dict]:
     return json.loads(core.list_namespaced_pod(NS, _preload_content=False).data)["items"]
 
 
-def _kill_leftovers(tmp: Path) -> None:
+def _kill_leftovers(tmp: Path, uid_max: int) -> None:
     """The daemon leaves pods running when it stops (by design); the
-    benchmark removes what is left, the logger included."""
+    benchmark removes what is left: its pods' processes (by uid) and its
+    container logger (by the state directory in its argv)."""
     for d in os.listdir("/proc"):
-        if not d.isdigit():
+        if not d.isdigit() or int(d) == os.getpid():
             continue
         try:
             st = Path(f"/proc/{d}/status").read_text()
@@ -358,7 +359,7 @@ def _kill_leftovers(tmp: Path) -> None:
         except OSError:
             continue
         uid = int(next(ln.split()[1] for ln in st.splitlines() if ln.startswith("Uid:")))
-        if UID_MIN <= uid <= UID_MIN + 1000 or str(tmp).encode() in argv:
+        if UID_MIN <= uid <= uid_max or str(tmp).encode() + b"/" in argv:
             try:
                 os.kill(int(d), 9)
             except OSError:
@@ -374,7 +375,7 @@ def main() -> int:
     if os.geteuid() != 0 or not sys.platform.startswith("linux"):
         print("needs Linux and root", file=sys.stderr)
         return 1
-    tmp = Path(tempfile.mkdtemp(prefix="pufflet-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="pufflet-podstart-"))
     tmp.chmod(0o755)
     try:
         run(args, tmp)

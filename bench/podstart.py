@@ -19,8 +19,10 @@ Pods are what a ReplicaSet would make: one container, /bin/sleep, which
 exits on SIGTERM, with terminationGracePeriodSeconds 5 (so delete -> gone
 is not a grace period waited out), the emulator's default service
 account volume (a TokenRequest and the kube-root-ca.crt ConfigMap per
-pod), imagePullPolicy Never.  The Node has no podCIDR, so pods share the
-node's network: per-pod network setup is bench/net.py's.
+pod), imagePullPolicy Never, on a node configured with a cluster DNS.
+The Node has no podCIDR, so pods share the node's network (one NoPodCIDR
+event each): per-pod network setup is bench/net.py's, and the Linux
+twin's pod networks use fixed interface names other runs may hold.
 
 Baseline, in the same run: fork+exec of the same command with subprocess
 (what it costs at the least to start the process), printed as a ratio;
@@ -177,6 +179,16 @@ def pss_total(pids: dict[str, int]) -> dict[str, float]:
     return {k: pss_kib(p) / 1024 for k, p in pids.items()}
 
 
+def threads(pids: dict[str, int]) -> str:
+    """Threads per process: a thread per pod would show here."""
+    out = []
+    for k, pid in sorted(pids.items()):
+        for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if row.startswith("Threads:"):
+                out.append(f"{k}={row.split()[1]}")
+    return " ".join(out)
+
+
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """utime + stime of each process (and of this one: the emulator)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -231,7 +243,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     cfg.write_text(
         f'user "nobody"\nnode name "{NODE}"\nkubeconfig "{kc}"\n'
         f'state directory "{state}"\nlog directory "{tmp}/log"\n'
-        f'listen on 127.0.0.1 port {free_port()}\n'
+        f'listen on 127.0.0.1 port {free_port()}\ncluster dns 10.96.0.10\n'
         f'pod uid range {UID_MIN} {UID_MIN + 2 * most}\n'
         f'max pods {most}\n')
     subprocess.run(["sh", "examples/mkimage.sh", "-f", str(cfg), "-t", IMAGE], cwd=REPO,
@@ -289,6 +301,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         assert wait_until(lambda: not _pods(core), 30)
         time.sleep(1.0)
         idle = pss_total(pids)
+        idle_threads = threads(pids)
         names = [f"many-{i}" for i in range(args.many)]
         cpu0 = cpu_seconds(pids)
         mark = len(api.request_log)
@@ -303,6 +316,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             if r.user == f"system:node:{NODE}")
         time.sleep(2.0)
         full = pss_total(pids)
+        full_threads = threads(pids)
         per_pod = (sum(full.values()) - sum(idle.values())) / args.many
         fmt = lambda d: " ".join(f"{k}={v:.1f}" for k, v in sorted(d.items()))  # noqa: E731
         print(f"PSS MiB at start: {fmt(cold)} total={sum(cold.values()):.1f}")
@@ -310,6 +324,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         print(f"PSS MiB, {args.many} pods: {fmt(full)} total={sum(full.values()):.1f} "
               f"(all Running {many_up:.2f} s after the first create)")
         print(f"per-pod overhead: {per_pod:.3f} MiB PSS (target <= 0.5; kubelet ~3.6)")
+        print(f"  threads, 0 pods: {idle_threads}; {args.many} pods: {full_threads}")
         print(f"  CPU ms per pod started: " + " ".join(
             f"{k}={(cpu1[k] - cpu0[k]) * 1000 / args.many:.1f}" for k in sorted(cpu1)))
         print(f"  API calls per pod started: {sum(calls.values()) / args.many:.1f} (" + ", ".join(

@@ -364,6 +364,37 @@ def test_env_from_config_map(admin, manager):
     assert p["status"]["phase"] == "Succeeded", p["status"]
 
 
+def test_config_maps_read_once_for_pods_starting_together(admin, manager, api, monkeypatch):
+    """A ConfigMap two pods mount, and kube-root-ca.crt (in every pod's
+    service account volume), are read once for pods starting within
+    OBJECT_TTL of each other, and again after it."""
+    from pufflet.agent import pods as agent_pods
+    admin.create_namespaced_config_map("default", {"metadata": {"name": "shared"},
+                                                   "data": {"k": "v"}})
+    manager()
+
+    def reads(name):
+        return sum(1 for r in api.request_log
+                   if r.verb == "get" and r.path.endswith(f"/configmaps/{name}")
+                   and r.user == f"system:node:{NODE}")
+
+    def start(name):
+        c = {"name": "c", "command": ["/bin/sh", "-c", "test -r /etc/cfg/k && sleep 60"],
+             "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"}]}
+        create(admin, pod(name, c, grace=0,
+                          volumes=[{"name": "cfg", "configMap": {"name": "shared"}}]))
+
+    start("share-a")
+    start("share-b")
+    for name in ("share-a", "share-b"):
+        wait_pod(admin, name, lambda p: p["status"].get("phase") == "Running")
+    assert (reads("shared"), reads("kube-root-ca.crt")) == (1, 1)
+    monkeypatch.setattr(agent_pods, "OBJECT_TTL", 0.0)
+    start("share-c")
+    wait_pod(admin, "share-c", lambda p: p["status"].get("phase") == "Running")
+    assert (reads("shared"), reads("kube-root-ca.crt")) == (2, 2)
+
+
 def test_delete_stops_and_deletes_with_grace_zero(admin, manager, api, parent):
     manager()
     script = 'trap "exit 0" TERM; while :; do sleep 0.1; done'

@@ -30,7 +30,8 @@ seconds (10 s; the kubelet's syncFrequency is 1 min, but pufflet's sync
 is cheap and a short resync bounds how stale a missed event can make the
 status); files volumes are re-read every VOLUME_REFRESH (60 s, about what
 the kubelet's configMap cache gives) and service account tokens at 80 %
-of their life.
+of their life; a ConfigMap or Secret read for one pod serves the others
+for OBJECT_TTL (5 s), so a burst of pods reads each object once.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ KILL_WAIT = 5.0
 TOKEN_DEFAULT_TTL = 3600
 # Services are listed again after this long (the kubelet watches them).
 SERVICES_TTL = 30.0
+# ConfigMaps and Secrets read for one pod serve the others of its
+# namespace for this long: thirty pods of a ReplicaSet starting at once
+# read their kube-root-ca.crt once, not thirty times (the kubelet shares
+# one watch per object among its pods).  Short next to VOLUME_REFRESH.
+OBJECT_TTL = 5.0
 RESOLV_CONF = "/etc/resolv.conf"
 
 SUCCEEDED, FAILED, RUNNING, PENDING = "Succeeded", "Failed", "Running", "Pending"
@@ -208,6 +214,8 @@ class PodManager:
             if cfg.static_pod_dir else None
         self._adopted: dict[str, dict] = {}     # the parent's pods at start
         self._errors: dict[str, str] = {}
+        # (kind, namespace, name) -> (monotonic time read, object); see _Lookups
+        self._objects: dict[tuple[str, str, str], tuple[float, dict]] = {}
 
     # -- starting and stopping ----------------------------------------------
 
@@ -1077,7 +1085,9 @@ def _exit_state(inst: Instance) -> podstatus.Terminated:
 
 class _Lookups:
     """What envvars and volumedata may need from the API server, fetched
-    at most once per sync; standalone, nothing is found."""
+    at most once per sync, and shared with other pods' syncs for
+    OBJECT_TTL (what is missing is asked again: it may come); standalone,
+    nothing is found."""
 
     def __init__(self, mgr: PodManager, pod: dict) -> None:
         self.mgr = mgr
@@ -1093,6 +1103,13 @@ class _Lookups:
         core = self.mgr.core
         got = None
         if core is not None:
+            shared = (kind, self.ns, name)
+            now = time.monotonic()
+            with self.mgr.lock:
+                had = self.mgr._objects.get(shared)
+            if had is not None and now - had[0] < OBJECT_TTL:
+                self._cache[key] = had[1]
+                return had[1]
             fn = core.read_namespaced_config_map if kind == "configmap" \
                 else core.read_namespaced_secret
             try:
@@ -1100,6 +1117,12 @@ class _Lookups:
             except k8s.ApiException as e:
                 if e.status != 404:
                     raise
+            if got is not None:
+                with self.mgr.lock:
+                    objs = self.mgr._objects
+                    for k in [k for k, (t, _) in objs.items() if now - t >= OBJECT_TTL]:
+                        del objs[k]
+                    objs[shared] = (now, got)
         self._cache[key] = got
         return got
 

@@ -395,6 +395,26 @@ def test_config_maps_read_once_for_pods_starting_together(admin, manager, api, m
     assert (reads("shared"), reads("kube-root-ca.crt")) == (2, 2)
 
 
+def test_volume_reads_overlap_create_pod(admin, manager, api, monkeypatch):
+    """The service account token (and kube-root-ca.crt) are asked for
+    while the parent builds the pod root, not after it: here CreatePod
+    waits until the TokenRequest has reached the API server."""
+    real = Runtime.create_pod
+    overlapped = []
+
+    def token_asked():
+        return any(r.verb == "create" and r.path.endswith("/token") for r in api.request_log)
+
+    def create_pod(self, req):
+        overlapped.append(wait_until(token_asked, 10, 0.01))
+        return real(self, req)
+    monkeypatch.setattr(Runtime, "create_pod", create_pod)
+    manager()
+    create(admin, pod("overlap", ("c", "sleep 60"), grace=0))
+    wait_pod(admin, "overlap", lambda p: p["status"].get("phase") == "Running")
+    assert overlapped == [True]
+
+
 def test_delete_stops_and_deletes_with_grace_zero(admin, manager, api, parent):
     manager()
     script = 'trap "exit 0" TERM; while :; do sleep 0.1; done'

@@ -415,6 +415,16 @@ def test_volume_reads_overlap_create_pod(admin, manager, api, monkeypatch):
     assert overlapped == [True]
 
 
+def test_one_time_event_logged_once(admin, manager, caplog):
+    # The node has no podCIDR: one NoPodCIDR event, and one log line of it.
+    caplog.set_level(logging.INFO, logger="pufflet.agent")
+    manager()
+    create(admin, pod("nocidr", ("c", "sleep 60"), grace=0))
+    wait_pod(admin, "nocidr", lambda p: p["status"].get("phase") == "Running")
+    wait_event(admin, "nocidr", lambda e: e[1] == "NoPodCIDR")
+    assert sum("NoPodCIDR" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_delete_stops_and_deletes_with_grace_zero(admin, manager, api, parent):
     manager()
     script = 'trap "exit 0" TERM; while :; do sleep 0.1; done'

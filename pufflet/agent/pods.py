@@ -618,8 +618,7 @@ class PodManager:
         key = ("once", reason, message)
         if key not in w.events_sent:
             w.events_sent.add(key)
-            self.recorder.event(w.pod, etype, reason, message)
-            log.info("pod %s: %s: %s", self._name(w.uid), reason, message)
+            self.recorder.event(w.pod, etype, reason, message)     # which logs it
 
     def _host_ip(self) -> str:
         return self.host_ip() or "127.0.0.1"

@@ -5,15 +5,19 @@ logger) runs against the API emulator (tests/apiserver) over real HTTPS,
 with an image built offline by examples/mkimage.sh.  Everything is seen
 from the outside, through the kubernetes client, as a user would:
 
-1. create -> Running for one pod, as a watch on the pods sees it, PODS_ONE
+1. create -> Running for one pod, as a watch on the pods sees it, --one
    times one after the other: p50 and p90 (target: p50 <= 100 ms);
    delete -> gone (the pod object removed) for each of them.
-2. BURST pods created at once -> all of them Running (target <= 3 s),
-   then all deleted at once -> all gone.
+2. --burst pods created at once -> all of them Running (target <= 3 s for
+   30), then all deleted at once -> all gone.
 3. PSS (/proc/<pid>/smaps_rollup) of pufflet's own processes -- the
    parent, the agent and the container logger, not the containers, which
-   are the pods' -- with 0 and with MANY pods running: the overhead per pod
-   (target <= 0.5 MiB).
+   are the pods' -- with 0 pods (after the runs above, so that what the
+   first pods load once is not counted per pod; the figure at start is
+   printed too) and with --many pods running: the overhead per pod
+   (target <= 0.5 MiB).  With it, for the --many pods: each process's
+   threads (a thread per pod would show), its CPU time per pod started,
+   and the node's API calls per pod started.
 
 Pods are what a ReplicaSet would make: one container, /bin/sleep, which
 exits on SIGTERM, with terminationGracePeriodSeconds 5 (so delete -> gone
@@ -325,7 +329,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
               f"(all Running {many_up:.2f} s after the first create)")
         print(f"per-pod overhead: {per_pod:.3f} MiB PSS (target <= 0.5; kubelet ~3.6)")
         print(f"  threads, 0 pods: {idle_threads}; {args.many} pods: {full_threads}")
-        print(f"  CPU ms per pod started: " + " ".join(
+        print("  CPU ms per pod started: " + " ".join(
             f"{k}={(cpu1[k] - cpu0[k]) * 1000 / args.many:.1f}" for k in sorted(cpu1)))
         print(f"  API calls per pod started: {sum(calls.values()) / args.many:.1f} (" + ", ".join(
             f"{k} {n / args.many:.2f}" for k, n in calls.most_common()) + ")")

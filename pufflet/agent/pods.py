@@ -456,7 +456,10 @@ class PodManager:
             # The volumes' reads from the API server (a TokenRequest, the
             # kube-root-ca.crt ConfigMap: ~10 ms) overlap the parent's
             # building of the pod root instead of following it.
-            early = self._early.submit(self._prepare_volumes, w)
+            try:
+                early = self._early.submit(self._prepare_volumes, w)
+            except RuntimeError:
+                return          # closing: the pool is shut down
             try:
                 w.info = self.runtime.create_pod(req)
             except BaseException:

@@ -425,6 +425,24 @@ def test_one_time_event_logged_once(admin, manager, caplog):
     assert sum("NoPodCIDR" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_volume_files_made_once_the_pod_address_is_known(admin, manager, monkeypatch):
+    """The reads overlap CreatePod, the files do not: a downward API
+    status.podIP is the address CreatePod gave (here a made-up one, as
+    the Linux twin's pod networks are not set up in this test)."""
+    real = Runtime.create_pod
+
+    def create_pod(self, req):
+        return {**real(self, req), "pod_ip": "10.1.2.3"}
+    monkeypatch.setattr(Runtime, "create_pod", create_pod)
+    manager()
+    c = {"name": "c", "command": ["/bin/sh", "-c", 'test "$(cat /etc/info/ip)" = 10.1.2.3'],
+         "volumeMounts": [{"name": "info", "mountPath": "/etc/info"}]}
+    create(admin, pod("podip", c, restart="Never", volumes=[{"name": "info", "downwardAPI": {
+        "items": [{"path": "ip", "fieldRef": {"fieldPath": "status.podIP"}}]}}]))
+    p = wait_pod(admin, "podip", lambda p: p["status"].get("phase") in ("Succeeded", "Failed"))
+    assert p["status"]["phase"] == "Succeeded", p["status"]
+
+
 def test_delete_stops_and_deletes_with_grace_zero(admin, manager, api, parent):
     manager()
     script = 'trap "exit 0" TERM; while :; do sleep 0.1; done'

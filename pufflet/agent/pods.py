@@ -448,29 +448,30 @@ class PodManager:
             w.containers.setdefault(cspec["name"], CState(cspec["name"], i < len(inits)))
         if not self._pull(w, all_specs):
             return
-        prepared = None
         if w.info is None:
             req = self._create_request(w, all_specs)
             if req is None:
                 return          # the pod network is not ready: the resync retries
             # The volumes' reads from the API server (a TokenRequest, the
             # kube-root-ca.crt ConfigMap: ~10 ms) overlap the parent's
-            # building of the pod root instead of following it.
+            # building of the pod root instead of following it.  Only the
+            # reads: the files are made after, when the pod's address
+            # (downward API status.podIP) is known.  They land in w.tokens
+            # and the shared object cache, where _volumes finds them.
             try:
                 early = self._early.submit(self._prepare_volumes, w)
             except RuntimeError:
                 return          # closing: the pool is shut down
             try:
                 w.info = self.runtime.create_pod(req)
-            except BaseException:
-                # Waited for even so: it writes w.tokens, and the next
-                # sync of this pod must not race it.
+            finally:
+                # Waited for even on failure: it writes w.tokens, and the
+                # next sync of this pod must not race it.  What it could
+                # not read, _volumes tries again and reports.
                 futures.wait([early])
-                raise
-            prepared = early.result()
             if w.info.get("dev_missing_reason"):
                 log.info("pod %s: no /dev: %s", self._name(w.uid), w.info["dev_missing_reason"])
-        if not self._volumes(w, prepared):
+        if not self._volumes(w):
             return
         self._act_on_kills(w)
         # Init containers, in order: each must succeed before the next
@@ -651,17 +652,15 @@ class PodManager:
 
     # -- volumes ----------------------------------------------------------------
 
-    def _volumes(self, w: PodWork, prepared: "_Prepared | None" = None) -> bool:
+    def _volumes(self, w: PodWork) -> bool:
         """SetVolume for each volume whose content changed; files volumes
         are read again every VOLUME_REFRESH, tokens at 80 % of their life.
         False while a volume cannot be made (the pod waits, with an
-        Event, as the kubelet's FailedMount).  prepared: what
-        _prepare_volumes read already (see _run)."""
+        Event, as the kubelet's FailedMount)."""
         now = time.monotonic()
         if w.volumes_ok and now < w.volumes_due:
             return True
-        if prepared is None:
-            prepared = self._prepare_volumes(w)
+        prepared = self._prepare_volumes(w)
         ok = not prepared.failed
         for name, msg in prepared.failed:
             self.recorder.event(w.pod, ev.WARNING, "FailedMount",

@@ -194,13 +194,14 @@ def node_obj(admin):
 def manager(cfg, parent, api, node_obj):
     made = []
 
-    def make(static_dir=None, standalone=False):
+    def make(static_dir=None, standalone=False, extra=""):
         c = cfg
-        if static_dir is not None:
+        if static_dir is not None or extra:
             c = config.parse(f'node name "{NODE}"\nstate directory "{cfg.state_dir}"\n'
                              f'log directory "{cfg.log_dir}"\n'
                              f'pod uid range {UID_MIN} {UID_MIN + 199}\nmax pods 20\n'
-                             f'static pods "{static_dir}"\n')
+                             + (f'static pods "{static_dir}"\n' if static_dir else "")
+                             + extra)
         api_client = None
         node_uid = None
         if not standalone:
@@ -417,6 +418,23 @@ def test_admission_refuses_privileged(admin, manager):
     p = wait_pod(admin, "priv", lambda p: p["status"].get("phase") == "Failed")
     assert p["status"].get("reason") and "privileged" in p["status"].get("message", "")
     wait_event(admin, "priv", lambda e: e[0] == "Warning" and "privileged" in e[2])
+
+
+def test_hostpath_is_refused_with_status_and_event(admin, manager):
+    manager(extra='hostpath "/srv" read-write\n')
+    c = {"name": "main", "command": ["/bin/sh", "-c", "sleep 1"],
+         "volumeMounts": [{"name": "h", "mountPath": "/h"}]}
+    create(admin, pod("hp", c, volumes=[{"name": "h", "hostPath": {"path": "/srv/x"}}]))
+    create(admin, pod("hp2", c, volumes=[{"name": "h", "hostPath": {"path": "/etc"}}]))
+    p = wait_pod(admin, "hp", lambda p: p["status"].get("phase") == "Failed")
+    assert p["status"]["reason"] == "UnsupportedVolume"
+    assert "hostPath /srv/x cannot be given to a pod" in p["status"]["message"]
+    assert "bind mount" in p["status"]["message"]
+    wait_event(admin, "hp", lambda e: e[0] == "Warning" and e[1] == "UnsupportedVolume"
+               and "bind mount" in e[2])
+    p = wait_pod(admin, "hp2", lambda p: p["status"].get("phase") == "Failed")
+    assert "hostPath /etc is not under a prefix this node allows" in p["status"]["message"]
+    wait_event(admin, "hp2", lambda e: e[1] == "UnsupportedVolume")
 
 
 STATIC = """apiVersion: v1

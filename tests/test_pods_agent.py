@@ -410,6 +410,32 @@ def test_readiness_flips_ready(admin, manager):
              and cstatus(p, "main")["ready"] is False, timeout=10)
 
 
+def test_exec_probe_is_killed_at_its_timeout(admin, manager, parent):
+    manager()
+    c = {"name": "main", "command": ["/bin/sh", "-c", "sleep 60"],
+         "readinessProbe": {"exec": {"command": [
+             "/bin/sh", "-c", "echo $$ >> /tmp/probes; exec sleep 30"]},
+             "periodSeconds": 1, "timeoutSeconds": 1}}
+    created = create(admin, pod("slowprobe", c))
+    uid = created["metadata"]["uid"]
+    probes_file = Path(parent.pods._root(uid)) / "tmp" / "probes"
+
+    def pids():
+        try:
+            return [int(x) for x in probes_file.read_text().split()]
+        except (FileNotFoundError, ValueError):
+            return []
+    assert wait_until(lambda: len(pids()) >= 3, 15)
+    # Each timed-out probe was killed: at most the one running now is left.
+    alive = [p for p in pids() if Path(f"/proc/{p}").exists()
+             and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    assert len(alive) <= 1, alive
+    p = get(admin, "slowprobe")
+    assert cond(p, "Ready") == "False"
+    wait_event(admin, "slowprobe", lambda e: e[1] == "Unhealthy"
+               and "Readiness probe failed: command timed out after 1s" in e[2])
+
+
 def test_admission_refuses_privileged(admin, manager):
     manager()
     c = {"name": "main", "command": ["/bin/sh", "-c", "sleep 1"],

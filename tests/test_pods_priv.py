@@ -469,6 +469,32 @@ def test_exec_pipes_and_tty(env):
     assert e.value.code == "NOT_FOUND"
 
 
+def test_signal_exec_kills_its_process_group(env):
+    p = env.priv()
+    create(p, env)
+    ev = Events(p)
+    start(p, env, ["sleep", "30"])
+    # The exec's shell starts a child and waits: both must go.
+    r = p.call("StartExec", {"pod_uid": POD_A, "name": "c", "argv": [
+        "sh", "-c", "sleep 30 & echo $!; wait"], "env": PATH, "working_dir": "/",
+        "tty": False})
+    child = int(_read_until(r.fds[1], b"\n"))
+    for fd in r.fds:
+        os.close(fd)
+    exec_id = r.body["exec_id"]
+    for bad in ({"pod_uid": POD_B, "exec_id": exec_id}, {"pod_uid": POD_A, "exec_id": "0" * 32}):
+        with pytest.raises(Status) as e:
+            p.call("SignalExec", {**bad, "signal": "SIGKILL"})
+        assert e.value.code == "NOT_FOUND"
+    p.call("SignalExec", {"pod_uid": POD_A, "exec_id": exec_id, "signal": "SIGKILL"})
+    assert ev.wait(exec_id=exec_id)["signal"] == 9
+    wait_for(lambda: not os.path.exists(f"/proc/{child}")
+             or Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    with pytest.raises(Status) as e:
+        p.call("SignalExec", {"pod_uid": POD_A, "exec_id": exec_id, "signal": "SIGKILL"})
+    assert e.value.code == "NOT_FOUND"
+
+
 # -- restarts ----------------------------------------------------------------------
 
 def _old_priv(env, out_w):

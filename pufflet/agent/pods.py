@@ -195,7 +195,8 @@ class PodManager:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.recorder = ev.Recorder(self.core, self.node, self.stop)
-        self.prober = probes.Prober(self._exec, self._probe_result)
+        self.prober = probes.Prober(self._exec, self._probe_result,
+                                    on_failure=self._probe_failed)
         self.queue = WorkQueue(self._sync_key, workers=workers)
         self.lock = threading.Lock()
         self.works: dict[str, PodWork] = {}
@@ -303,14 +304,19 @@ class PodManager:
         if w is None:
             return
         if not ok:
-            what = {"liveness": "Liveness", "readiness": "Readiness",
-                    "startup": "Startup"}[kind]
-            self.recorder.event(w.pod, ev.WARNING, "Unhealthy",
-                                f"{what} probe failed: {msg}", name)
             if kind in (probes.LIVENESS, probes.STARTUP):
                 with w.lock:
                     w.kills.append((name, kind, msg))
         self.queue.add(uid)
+
+    def _probe_failed(self, uid: str, name: str, kind: str, msg: str) -> None:
+        """Every failed attempt is an Unhealthy event (counted by the
+        recorder when it repeats), as the kubelet's prober records one."""
+        with self.lock:
+            w = self.works.get(uid)
+        if w is not None:
+            self.recorder.event(w.pod, ev.WARNING, "Unhealthy",
+                                f"{kind.capitalize()} probe failed: {msg}", name)
 
     def _exec(self, uid: str, name: str, argv: list[str], timeout: float):
         with self.lock:

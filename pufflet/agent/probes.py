@@ -197,13 +197,18 @@ class _Worker:
 # on_result(pod uid, container name, kind, result, message): called when a
 # probe's result changes, from a pool thread.
 ResultFn = Callable[[str, str, str, bool, str], None]
+# on_failure(pod uid, container name, kind, message): every failed attempt,
+# below the threshold too (the kubelet's Unhealthy event is per attempt).
+FailureFn = Callable[[str, str, str, str], None]
 
 
 class Prober:
     def __init__(self, exec_fn: ExecFn, on_result: ResultFn, workers: int = 4,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_failure: FailureFn | None = None) -> None:
         self.exec_fn = exec_fn
         self.on_result = on_result
+        self.on_failure = on_failure
         self.clock = clock
         self._lock = threading.Condition()
         self._workers: dict[tuple[str, str, str], _Worker] = {}
@@ -305,6 +310,7 @@ class Prober:
     def _probe(self, w: _Worker) -> None:
         t0 = self.clock()
         changed: tuple | None = None
+        failed: str | None = None
         try:
             with self._lock:
                 gated = self._gated(w)
@@ -312,6 +318,8 @@ class Prober:
                 out = run_handler(w.probe, w.container, w.settings.timeout, w.pod_uid,
                                   self.exec_fn)
                 with self._lock:
+                    if not w.removed and not out.ok:
+                        failed = out.message
                     changed = self._record(w, out)
         except Exception:       # noqa: BLE001 - a probe bug must not stop probing
             log.exception("probe %s of %s failed to run", w.kind, w.container.get("name"))
@@ -321,6 +329,8 @@ class Prober:
                 key = (w.pod_uid, w.container["name"], w.kind)
                 if not w.removed and self._workers.get(key) is w:
                     self._push(key, t0 + w.settings.period)
+        if failed is not None and self.on_failure is not None:
+            self.on_failure(w.pod_uid, w.container["name"], w.kind, failed)
         if changed is not None:
             self.on_result(*changed)
 

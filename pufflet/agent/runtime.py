@@ -185,10 +185,25 @@ class Runtime:
         except TimeoutError:
             with self._lock:
                 self._waiters.pop(exec_id, None)
+            # Past its timeout the command is killed, with what it started
+            # (the kubelet's ExecSync does the same): a probe that hangs
+            # every period must not pile up processes in the pod.
+            self.signal_exec(pod_uid, exec_id, "SIGKILL")
             return None, out
         if ex.exit_code is None:
             return 128 + (ex.signal or 0), out
         return ex.exit_code, out
+
+    def signal_exec(self, pod_uid: str, exec_id: str, sig: str) -> bool:
+        """False when the exec had ended already."""
+        try:
+            self.client.call("SignalExec", {"pod_uid": pod_uid, "exec_id": exec_id,
+                                            "signal": sig}, timeout=CALL)
+            return True
+        except Status as e:
+            if e.code == "NOT_FOUND":
+                return False
+            raise
 
     # -- images ----------------------------------------------------------------
 

@@ -213,7 +213,8 @@ def manager(cfg, parent, api, node_obj):
         puller = Puller(PrivStore(parent.client), registry.Client())
         m = PodManager(c, runtime, puller, api=api_client, node_uid=lambda: node_uid,
                        host_ip=lambda: "127.0.0.1", stop=stop, resync=1.0,
-                       backoff_base=0.5, backoff_max=2.0, static_interval=0.3)
+                       backoff_base=0.5, backoff_max=2.0, static_interval=0.3,
+                       eviction_interval=0.3)
         m.start()
         made.append(m)
         return m
@@ -434,6 +435,37 @@ def test_exec_probe_is_killed_at_its_timeout(admin, manager, parent):
     assert cond(p, "Ready") == "False"
     wait_event(admin, "slowprobe", lambda e: e[1] == "Unhealthy"
                and "Readiness probe failed: command timed out after 1s" in e[2])
+
+
+# Writes n KiB into /data, then waits.
+FILL = ('s=x; for i in 1 2 3 4 5 6 7 8 9 10; do s=$s$s; done; i=0; '
+        'while [ $i -lt {n} ]; do echo "$s"; i=$((i+1)); done > /data/f; sleep 60')
+
+
+def test_empty_dir_over_its_size_limit_evicts_the_pod(admin, manager, parent, monkeypatch):
+    from pufflet.priv import stats
+    monkeypatch.setattr(stats, "DU_TTL", 0.2)
+    manager()
+    vols = [{"name": "data", "emptyDir": {"sizeLimit": "1Mi"}}]
+    for name, kib in (("big", 1500), ("small", 100)):
+        c = {"name": "main", "command": ["/bin/sh", "-c", FILL.format(n=kib)],
+             "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+        create(admin, pod(name, c, volumes=vols))
+    p = wait_pod(admin, "big", lambda p: p["status"].get("phase") == "Failed")
+    msg = 'Usage of EmptyDir volume "data" exceeds the limit "1Mi". '
+    assert (p["status"]["reason"], p["status"]["message"]) == ("Evicted", msg)
+    (dt,) = [c for c in p["status"]["conditions"] if c["type"] == "DisruptionTarget"]
+    assert (dt["status"], dt["reason"], dt["message"]) == ("True", "TerminationByKubelet", msg)
+    wait_event(admin, "big", lambda e: e == ("Warning", "Evicted", msg))
+    # Killed at once, not restarted, its root gone; the object stays.
+    p = wait_pod(admin, "big", lambda p: "terminated" in cstatus(p, "main")["state"])
+    assert cstatus(p, "main")["state"]["terminated"]["exitCode"] == 137
+    assert cstatus(p, "main")["restartCount"] == 0
+    uid = p["metadata"]["uid"]
+    assert wait_until(lambda: uid not in parent.pods.pods, 10)
+    # Under its limit, the other pod runs on.
+    p = get(admin, "small")
+    assert p["status"]["phase"] == "Running" and "running" in cstatus(p, "main")["state"]
 
 
 def test_admission_refuses_privileged(admin, manager):

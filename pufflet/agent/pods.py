@@ -74,6 +74,10 @@ BACKOFF_RESET = 600.0
 # How long to wait for the processes after SIGKILL before giving up on
 # them (RemovePod kills what is left anyway).
 KILL_WAIT = 5.0
+# How often emptyDir usage is held against sizeLimit: the kubelet's
+# eviction manager looks every 10 s (the parent measures a volume at most
+# once a minute, priv/stats.DU_TTL, as the kubelet's volume stats do).
+EVICTION_INTERVAL = 10.0
 TOKEN_DEFAULT_TTL = 3600
 # Services are listed again after this long (the kubelet watches them).
 SERVICES_TTL = 30.0
@@ -164,6 +168,8 @@ class PodWork:
     kills: list[tuple[str, str, str]] = field(default_factory=list)  # inbox
     lock: threading.Lock = field(default_factory=threading.Lock)
     events_sent: set = field(default_factory=set)
+    evicted: str | None = None          # why, once the eviction check said so (inbox)
+    evicting: bool = False              # acted on: containers killed, Event sent
 
 
 class PodManager:
@@ -176,7 +182,8 @@ class PodManager:
                  stop: threading.Event | None = None,
                  resync: float = RESYNC, backoff_base: float = BACKOFF_BASE,
                  backoff_max: float = BACKOFF_MAX, static_interval: float | None = None,
-                 workers: int = 8, node_os: str | None = None) -> None:
+                 workers: int = 8, node_os: str | None = None,
+                 eviction_interval: float = EVICTION_INTERVAL) -> None:
         self.cfg = cfg
         self.node = cfg.node_name
         self.runtime = runtime
@@ -194,6 +201,7 @@ class PodManager:
         self.resync = resync
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.eviction_interval = eviction_interval
         self.recorder = ev.Recorder(self.core, self.node, self.stop)
         self.prober = probes.Prober(self._exec, self._probe_result,
                                     on_failure=self._probe_failed)
@@ -225,6 +233,7 @@ class PodManager:
         if self.informer is not None:
             self.informer.start()
         threading.Thread(target=self._sweep_orphans, name="pod-orphans", daemon=True).start()
+        threading.Thread(target=self._watch_volumes, name="pod-evictions", daemon=True).start()
 
     def close(self) -> None:
         self.stop.set()
@@ -379,7 +388,11 @@ class PodManager:
         if w.gone or w.pod["metadata"].get("deletionTimestamp"):
             self._terminate(w)
             return
-        if w.phase in (SUCCEEDED, FAILED):
+        with w.lock:
+            evicted = w.evicted
+        if evicted is not None and not w.evicting:
+            self._evict(w, evicted)
+        if w.evicting or w.phase in (SUCCEEDED, FAILED):
             self._finish(w)
             self._report(w)
             return
@@ -839,6 +852,65 @@ class PodManager:
                     wake = min(wake, t - now + 0.01)
         return wake
 
+    # -- evictions -------------------------------------------------------------------
+
+    def _watch_volumes(self) -> None:
+        while not self.stop.wait(self.eviction_interval):
+            try:
+                self._check_volumes()
+            except Exception as e:     # noqa: BLE001 - checked again next time
+                log.warning("checking emptyDir sizes: %s", e)
+
+    def _check_volumes(self) -> None:
+        """The kubelet's emptyDir eviction: a pod whose emptyDir holds more
+        than its sizeLimit is evicted (the sync does it: _evict)."""
+        limits: dict[str, dict[str, tuple[str, float]]] = {}
+        with self.lock:
+            works = list(self.works.values())
+        for w in works:
+            if w.phase in (SUCCEEDED, FAILED) or w.terminating or w.evicted is not None:
+                continue
+            for vol in w.pod["spec"].get("volumes") or ():
+                limit = (vol.get("emptyDir") or {}).get("sizeLimit") \
+                    if "emptyDir" in vol else None
+                try:
+                    if limit:
+                        limits.setdefault(w.uid, {})[vol["name"]] = (str(limit),
+                                                                     quantity(limit))
+                except ValueError:
+                    continue
+        if not limits:
+            return
+        for p in self.runtime.stats().get("pods") or ():
+            mine = limits.get(p["pod_uid"])
+            if not mine:
+                continue
+            for v in p.get("volumes") or ():
+                limit = mine.get(v["name"])
+                if limit is None or v["used_bytes"] <= limit[1]:
+                    continue
+                with self.lock:
+                    w = self.works.get(p["pod_uid"])
+                if w is None:
+                    break
+                with w.lock:
+                    w.evicted = (f'Usage of EmptyDir volume "{v["name"]}" exceeds the '
+                                 f'limit "{limit[0]}". ')
+                self.queue.add(w.uid)
+                break
+
+    def _evict(self, w: PodWork, message: str) -> None:
+        """The kubelet's evictPod: an Event, every container killed at
+        once (local storage evictions have no grace), and the pod Failed
+        with reason Evicted; it is not restarted and its object stays."""
+        w.evicting = True
+        log.info("pod %s: evicted: %s", self._name(w.uid), message)
+        self.recorder.event(w.pod, ev.WARNING, "Evicted", message)
+        self.prober.remove_pod(w.uid)
+        for c in w.containers.values():
+            if c.running:
+                self._kill(w, c, "Evicted", f"Stopping container {c.name}", grace=0)
+
     # -- finishing -----------------------------------------------------------------
 
     def _finish(self, w: PodWork) -> None:
@@ -846,10 +918,16 @@ class PodManager:
         its root goes, its status stays."""
         self.prober.remove_pod(w.uid)
         running = [c for c in w.containers.values() if c.running]
+        now = time.monotonic()
         for c in running:
-            self._kill(w, c, "PodFinished", f"Stopping container {c.name}")
+            if c.kill_deadline is None:     # not being stopped already
+                self._kill(w, c, "PodFinished", f"Stopping container {c.name}")
+            elif now >= c.kill_deadline:    # its grace is over
+                self.runtime.signal(w.uid, c.name, "SIGKILL")
+                c.kill_deadline = now + KILL_WAIT
         if running:
-            self.queue.add_after(w.uid, self._grace(w.pod) + 0.1)
+            due = [c.kill_deadline for c in running if c.kill_deadline is not None]
+            self.queue.add_after(w.uid, max(min(due, default=now + 1.0) - now, 0.0) + 0.1)
             return
         if not w.removed and w.info is not None:
             self.runtime.remove_pod(w.uid)
@@ -1022,6 +1100,8 @@ class PodManager:
             view = self._view(w)
             st = podstatus.pod_status(w.pod, view, now=now, previous=previous,
                                       host_ip=[ip], pod_ips=[self._pod_ip(w)])
+            if w.evicting:
+                _evicted_status(st, w.evicted or "", previous, now)
         w.phase = st["phase"]
         w.last_status = st
         return st
@@ -1067,6 +1147,19 @@ class PodManager:
         return podstatus.ContainerView(c.name, state, last_state, cur.restart_count,
                                        ready, started, image_id=c.image_id,
                                        container_id=cur.container_id)
+
+
+def _evicted_status(st: dict, message: str, previous: dict | None, now: float) -> None:
+    """What the kubelet's eviction manager sets on an evicted pod: phase
+    Failed, reason Evicted, and the DisruptionTarget condition."""
+    st.update(phase=FAILED, reason="Evicted", message=message)
+    old = next((c for c in (previous or {}).get("conditions") or ()
+                if c.get("type") == "DisruptionTarget"), None)
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+            "message": message,
+            "lastTransitionTime": (old or {}).get("lastTransitionTime") or rfc3339(now)}
+    st["conditions"] = [c for c in st.get("conditions") or ()
+                        if c.get("type") != "DisruptionTarget"] + [cond]
 
 
 def _exit_state(inst: Instance) -> podstatus.Terminated:

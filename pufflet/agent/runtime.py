@@ -132,6 +132,10 @@ class Runtime:
     def list_pods(self) -> list[dict]:
         return self.client.call("ListPods", {}, timeout=CALL).body["pods"]
 
+    def stats(self) -> dict:
+        """GetStats: what each pod uses, its volumes included."""
+        return self.client.call("GetStats", {}, timeout=CALL).body
+
     # -- exec ------------------------------------------------------------------
 
     def start_exec(self, pod_uid: str, name: str, argv: list[str], env: list[str],

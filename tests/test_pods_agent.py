@@ -298,6 +298,66 @@ def cond(p, ctype):
     return None
 
 
+def log_text(cfg, p, container, restart=0):
+    """A container's log as the logger wrote it (the text of each line)."""
+    meta = p["metadata"]
+    f = Path(cfg.log_dir) / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}" \
+        / container / f"{restart}.log"
+    try:
+        return "\n".join(line.split(" ", 3)[3] for line in f.read_text().splitlines())
+    except FileNotFoundError:
+        return ""
+
+
+class Probed:
+    """An HTTP server on the node's loopback (pods share the node's network
+    here, so a probe's 127.0.0.1 reaches it): answers each path with the
+    status set in codes, and records what it was asked."""
+
+    def __init__(self):
+        import http.server
+        outer = self
+        self.codes = {}
+        self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.seen.append((self.path, dict(self.headers)))
+                code = outer.codes.get(self.path, 404)
+                self.send_response(code)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"no" if code >= 400 else b"ok")
+
+            def log_message(self, *a):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def paths(self):
+        return [p for p, _ in self.seen]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def probed():
+    srv = Probed()
+    yield srv
+    srv.close()
+
+
+def unused_port():
+    """A bound socket that does not listen (connections are refused) and
+    its port; listen() on it opens the port."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s, s.getsockname()[1]
+
+
 # ---------------------------------------------------------------------------
 # tests
 
@@ -466,6 +526,130 @@ def test_empty_dir_over_its_size_limit_evicts_the_pod(admin, manager, parent, mo
     # Under its limit, the other pod runs on.
     p = get(admin, "small")
     assert p["status"]["phase"] == "Running" and "running" in cstatus(p, "main")["state"]
+
+
+def test_http_tcp_and_startup_probes(admin, manager, probed):
+    manager()
+    dead, dead_port = unused_port()
+    late, late_port = unused_port()
+    probed.codes.update({"/ready": 200, "/alive": 200})
+    sleep = ["/bin/sh", "-c", "sleep 60"]
+    ready_probe = {"httpGet": {"path": "/ready", "port": "web",
+                               "httpHeaders": [{"name": "X-Probe", "value": "yes"}]},
+                   "periodSeconds": 1, "failureThreshold": 1}
+    containers = [
+        {"name": "http", "command": sleep, "readinessProbe": ready_probe,
+         "ports": [{"name": "web", "containerPort": probed.port}]},
+        {"name": "tcp", "command": sleep,
+         "livenessProbe": {"tcpSocket": {"port": dead_port}, "periodSeconds": 1,
+                           "failureThreshold": 1, "terminationGracePeriodSeconds": 1}},
+        {"name": "slow", "command": sleep,
+         "startupProbe": {"tcpSocket": {"port": late_port}, "periodSeconds": 1,
+                          "failureThreshold": 60},
+         "livenessProbe": {"httpGet": {"path": "/alive", "port": probed.port},
+                           "periodSeconds": 1},
+         "readinessProbe": {"httpGet": {"path": "/ready", "port": probed.port},
+                            "periodSeconds": 1}}]
+    try:
+        create(admin, pod("probes", *containers))
+        # httpGet: 200 is ready, with the probe's headers, to a named port.
+        p = wait_pod(admin, "probes", lambda p: (cstatus(p, "http") or {}).get("ready") is True)
+        (_, headers), *_ = [x for x in probed.seen if x[0] == "/ready"]
+        assert headers["X-Probe"] == "yes" and headers["User-Agent"].startswith("kube-probe/")
+        # tcpSocket liveness on a refused port: killed and restarted.
+        p = wait_pod(admin, "probes", lambda p: cstatus(p, "tcp")["restartCount"] >= 1)
+        wait_event(admin, "probes", lambda e: e[1] == "Unhealthy"
+                   and e[2].startswith(f"Liveness probe failed: dial tcp 127.0.0.1:{dead_port}"))
+        # A startup probe that has not succeeded holds the others back:
+        # not started, not ready, and its liveness probe never ran.
+        slow = cstatus(p, "slow")
+        assert slow["started"] is False and slow["ready"] is False
+        assert slow["restartCount"] == 0 and "running" in slow["state"]
+        assert "/alive" not in probed.paths()
+        late.listen()
+        p = wait_pod(admin, "probes", lambda p: cstatus(p, "slow")["started"] is True
+                     and cstatus(p, "slow")["ready"] is True)
+        assert wait_until(lambda: "/alive" in probed.paths(), 3)
+        assert cstatus(p, "slow")["restartCount"] == 0
+        # httpGet: 500 is not ready.
+        probed.codes["/ready"] = 500
+        wait_pod(admin, "probes", lambda p: cstatus(p, "http")["ready"] is False
+                 and cond(p, "Ready") == "False")
+        wait_event(admin, "probes", lambda e: e[1] == "Unhealthy" and e[2].startswith(
+            "Readiness probe failed: HTTP probe failed with statuscode: 500"))
+    finally:
+        dead.close()
+        late.close()
+
+
+HOOKED = ('while [ ! -e /tmp/poststart ]; do sleep 0.05; done; echo "after $(cat /tmp/poststart)"; '
+          'trap \'echo "term $(cat /tmp/prestop 2>/dev/null)"; exit 0\' TERM; '
+          'while :; do sleep 0.05; done')
+
+
+def test_lifecycle_hooks(admin, manager, cfg, probed):
+    manager()
+    probed.codes.update({"/poststart": 200, "/prestop": 200})
+    hook_exec = {"name": "main", "command": ["/bin/sh", "-c", HOOKED], "lifecycle": {
+        "postStart": {"exec": {"command": ["/bin/sh", "-c", "echo hook > /tmp/poststart"]}},
+        "preStop": {"exec": {"command": ["/bin/sh", "-c", "echo pre > /tmp/prestop"]}}}}
+    hook_http = {"name": "side", "command": ["/bin/sh", "-c", "sleep 60"], "lifecycle": {
+        "postStart": {"httpGet": {"path": "/poststart", "port": probed.port}},
+        "preStop": {"httpGet": {"path": "/prestop", "port": probed.port,
+                                "httpHeaders": [{"name": "X-Hook", "value": "1"}]}}}}
+    failing = {"name": "main", "command": ["/bin/sh", "-c", "sleep 60"], "lifecycle": {
+        "postStart": {"exec": {"command": ["/bin/sh", "-c", "echo nope; exit 3"]}}}}
+    create(admin, pod("hooks", hook_exec, hook_http, grace=10))
+    create(admin, pod("badhook", failing, restart="Never"))
+    # postStart: exec ran in the container's pod, httpGet was sent.
+    p = wait_pod(admin, "hooks", lambda p: p["status"].get("phase") == "Running")
+    assert wait_until(lambda: "after hook" in log_text(cfg, p, "main"), 5)
+    assert "/poststart" in probed.paths()
+    # A failed postStart hook: an Event, and the container is killed.
+    b = wait_pod(admin, "badhook", lambda p: p["status"].get("phase") == "Failed")
+    assert "terminated" in cstatus(b, "main")["state"]
+    wait_event(admin, "badhook", lambda e: e[1] == "FailedPostStartHook"
+               and "exited with 3" in e[2] and "nope" in e[2])
+    # preStop: before the stop signal, within the grace period.
+    t0 = time.monotonic()
+    admin.delete_namespaced_pod("hooks", "default")
+    assert wait_until(lambda: get(admin, "hooks") is None, 15)
+    assert time.monotonic() - t0 < 8, "the pod waited for its grace period"
+    assert "term pre" in log_text(cfg, p, "main")
+    (headers,) = [h for path, h in probed.seen if path == "/prestop"]
+    assert headers["X-Hook"] == "1"
+
+
+def test_config_map_and_secret_updates_reach_the_pod(admin, manager, cfg, parent, monkeypatch):
+    import pufflet.agent.pods as pods_mod
+    monkeypatch.setattr(pods_mod, "VOLUME_REFRESH", 0.3)
+    admin.create_namespaced_config_map("default", {"metadata": {"name": "cm"},
+                                                   "data": {"greeting": "hello"}})
+    admin.create_namespaced_secret("default", {"metadata": {"name": "sec"},
+                                               "stringData": {"token": "one"}})
+    manager()
+    script = ('while :; do echo "$(cat /etc/cfg/greeting) $(cat /etc/sec/token)"; '
+              'sleep 0.1; done')
+    c = {"name": "main", "command": ["/bin/sh", "-c", script],
+         "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"},
+                          {"name": "sec", "mountPath": "/etc/sec", "readOnly": True}]}
+    p = create(admin, pod("upd", c, volumes=[
+        {"name": "cfg", "configMap": {"name": "cm"}},
+        {"name": "sec", "secret": {"secretName": "sec", "defaultMode": 0o400}}]))
+    assert wait_until(lambda: "hello one" in log_text(cfg, p, "main"), 10)
+    vol = Path(parent.pods._root(p["metadata"]["uid"])) / ".pufflet" / "volumes"
+    old_data = os.readlink(vol / "cfg" / "..data")
+    admin.patch_namespaced_config_map("cm", "default", {"data": {"greeting": "bye"}})
+    admin.patch_namespaced_secret("sec", "default", {"stringData": {"token": "two"}})
+    # Seen by the running container, without a restart.
+    assert wait_until(lambda: "bye two" in log_text(cfg, p, "main"), 10), \
+        log_text(cfg, p, "main")
+    # Swapped in whole: ..data points at a new directory, the old one is gone.
+    new_data = os.readlink(vol / "cfg" / "..data")
+    assert new_data != old_data and not (vol / "cfg" / old_data).exists()
+    assert os.readlink(vol / "cfg" / "greeting") == "..data/greeting"
+    assert "hello two" not in log_text(cfg, p, "main").replace("hello one", "")
+    assert cstatus(get(admin, "upd"), "main")["restartCount"] == 0
 
 
 def test_admission_refuses_privileged(admin, manager):

@@ -442,6 +442,30 @@ def test_delete_stops_and_deletes_with_grace_zero(admin, manager, api, parent):
     wait_event(admin, "victim", lambda e: e[1] == "Killing")
 
 
+def test_sigkill_at_grace_and_the_images_stop_signal(admin, manager, cfg, image_layer):
+    from pufflet.priv.imagestore import Store
+    st = Store(os.path.join(cfg.state_dir, "images"))
+    add_image(st, "local/stop:1", [image_layer], config={"Cmd": ["/bin/sh"],
+                                                        "StopSignal": "SIGUSR1"})
+    st.close()
+    manager()
+    deaf = 'trap "" TERM; trap "exit 0" USR1; while :; do sleep 0.1; done'
+    create(admin, pod("stubborn", ("main", deaf), grace=1))
+    create(admin, pod("stopsig", {"name": "main", "image": "local/stop:1",
+                                  "command": ["/bin/sh", "-c", deaf]}, grace=30))
+    for name in ("stubborn", "stopsig"):
+        wait_pod(admin, name, lambda p: p["status"].get("phase") == "Running")
+    t0 = time.monotonic()
+    for name in ("stubborn", "stopsig"):
+        admin.delete_namespaced_pod(name, "default")
+    # The image says SIGUSR1: the container ends at once, its 30 s unused.
+    assert wait_until(lambda: get(admin, "stopsig") is None, 5)
+    # SIGTERM is ignored: SIGKILL once the 1 s grace is over, not before.
+    assert wait_until(lambda: get(admin, "stubborn") is None, 5)
+    assert time.monotonic() - t0 >= 1.0
+    wait_event(admin, "stubborn", lambda e: e[1] == "Killing")
+
+
 def test_liveness_failure_restarts(admin, manager):
     manager()
     c = {"name": "main", "command": ["/bin/sh", "-c", "sleep 60"],

@@ -314,6 +314,36 @@ def test_container_runs_as_pod_uid_and_cannot_write_image(env):
     assert os.readlink(f"/proc/{st2['pid']}/root") == str(env.root(POD_A))
 
 
+def test_a_pod_cannot_reach_another_pods_root_or_processes(env):
+    """Escape attempts through the real spawn path: pod A's container,
+    as A's uid in A's root, goes for pod B's."""
+    p = env.priv()
+    create(p, env)
+    create(p, env, pod=POD_B, name="other")
+    ev = Events(p)
+    victim = start(p, env, ["sh", "-c", "echo b-secret > /tmp/secret; sleep 60"], pod=POD_B)
+    secret = env.root(POD_B) / "tmp" / "secret"
+    wait_for(secret.exists)
+    b_root = str(env.root(POD_B))
+    # Every attempt prints its outcome; the shell goes on after a failure.
+    script = (f'kill -9 {victim["pid"]} 2>/dev/null; echo "kill $?"; '
+              f'kill -0 {victim["pid"]} 2>/dev/null; echo "probe $?"; '
+              f'cat {b_root}/tmp/secret 2>/dev/null; echo "host path $?"; '
+              f'cat ../../../../{b_root}/tmp/secret 2>/dev/null; echo "dotdot $?"; '
+              f'cat /proc/{victim["pid"]}/root/tmp/secret 2>/dev/null; echo "proc $?"; '
+              'echo x 2>/dev/null >> /bin/cat; echo "image $?"')
+    st = start(p, env, ["sh", "-c", script], name="attacker")
+    assert ev.wait(container_id=st["container_id"])["exit_code"] == 0
+    log = env.log_file(POD_A, "default", "web", "attacker")
+    wait_for(lambda: log.exists() and "image" in log.read_text())
+    out = [line.split(" ", 3)[3] for line in log.read_text().splitlines()]
+    assert out == ["kill 1", "probe 1", "host path 1", "dotdot 1", "proc 1", "image 2"], out
+    assert "b-secret" not in log.read_text()
+    # B's process lives on, its secret untouched.
+    assert os.waitpid(victim["pid"], os.WNOHANG) == (0, 0)
+    assert secret.read_text() == "b-secret\n"
+
+
 def test_signal_container(env):
     p = env.priv()
     create(p, env)

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -464,6 +465,31 @@ def test_sigkill_at_grace_and_the_images_stop_signal(admin, manager, cfg, image_
     assert wait_until(lambda: get(admin, "stubborn") is None, 5)
     assert time.monotonic() - t0 >= 1.0
     wait_event(admin, "stubborn", lambda e: e[1] == "Killing")
+
+
+def test_exit_while_a_new_agent_takes_over_is_not_lost(admin, manager, parent, monkeypatch):
+    """A new agent lists what the parent holds, then learns of exits from
+    the stream: a container that ends between the two (before the pod's
+    worker exists) must still be seen to end."""
+    first = manager()
+    created = create(admin, pod("handover", ("main", "sleep 60")))
+    uid = created["metadata"]["uid"]
+    wait_pod(admin, "handover", lambda p: p["status"].get("phase") == "Running")
+    first.close()
+    pid = parent.pods.pods[uid]["containers"]["main"]["pid"]
+    listed = Runtime.list_pods
+
+    def list_then_exit(self):
+        got = listed(self)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not parent.pods.pods[uid]["containers"]["main"]["running"],
+                          5)
+        return got
+    monkeypatch.setattr(Runtime, "list_pods", list_then_exit)
+    manager()
+    p = wait_pod(admin, "handover", lambda p: cstatus(p, "main")["restartCount"] >= 1)
+    term = cstatus(p, "main")["lastState"]["terminated"]
+    assert term["exitCode"] == 137 and term["signal"] == 9
 
 
 def test_liveness_failure_restarts(admin, manager):

@@ -79,6 +79,9 @@ KILL_WAIT = 5.0
 # once a minute, priv/stats.DU_TTL, as the kubelet's volume stats do).
 EVICTION_INTERVAL = 10.0
 TOKEN_DEFAULT_TTL = 3600
+# Exits kept for pods without a worker yet: per pod, and pods.
+MAX_PENDING_EXITS = 64
+MAX_PENDING_PODS = 1000
 # Services are listed again after this long (the kubelet watches them).
 SERVICES_TTL = 30.0
 RESOLV_CONF = "/etc/resolv.conf"
@@ -216,6 +219,9 @@ class PodManager:
                                                if static_interval else {})) \
             if cfg.static_pod_dir else None
         self._adopted: dict[str, dict] = {}     # the parent's pods at start
+        # Exits of pods that have no worker yet (adopted ones, until their
+        # source has spoken), applied when the worker is made.
+        self._pending_exits: dict[str, list[Exit]] = {}
         self._errors: dict[str, str] = {}
 
     # -- starting and stopping ----------------------------------------------
@@ -223,11 +229,13 @@ class PodManager:
     def start(self) -> None:
         runtime_exit = self.runtime.on_exit
         self.runtime.on_exit = self._exit if runtime_exit is None else runtime_exit
+        # Exits first, then what runs: an exit after ListPods's answer is
+        # then on the stream (and kept until the pod's worker exists).
+        self.runtime.start()
         self._adopt()
         self.recorder.start()
         self.prober.start()
         self.queue.start()
-        self.runtime.start()
         if self.static is not None:
             self.static.start()
         if self.informer is not None:
@@ -257,6 +265,10 @@ class PodManager:
             self._adopted[p["pod_uid"]] = p
         if pods:
             log.info("the parent holds %d pods; adopting them", len(pods))
+
+    def _sources_synced(self) -> bool:
+        return all(src.synced.is_set() for src in (self.informer, self.static)
+                   if src is not None)
 
     def _sweep_orphans(self) -> None:
         """Once every source has spoken, remove the pods the parent holds
@@ -302,6 +314,11 @@ class PodManager:
     def _exit(self, ex: Exit) -> None:
         with self.lock:
             w = self.works.get(ex.pod_uid)
+            if w is None:
+                pending = self._pending_exits.setdefault(ex.pod_uid, [])
+                pending[:] = pending[-(MAX_PENDING_EXITS - 1):] + [ex]
+                while len(self._pending_exits) > MAX_PENDING_PODS:
+                    del self._pending_exits[next(iter(self._pending_exits))]
         if w is not None:
             with w.lock:
                 w.exits.append(ex)
@@ -364,6 +381,13 @@ class PodManager:
         if w is None:
             adopted = self._adopted.pop(uid, None)
             if desired is None:
+                if adopted is not None and not self._sources_synced():
+                    # Queued by an exit before the sources have spoken: not
+                    # known to be unwanted yet (_sweep_orphans asks again).
+                    self._adopted[uid] = adopted
+                    if self._sources_synced():
+                        self.queue.add(uid)     # they just did: the sweep may have passed
+                    return
                 if adopted is not None:
                     log.info("pod %s/%s (%s) is no longer wanted: removing it",
                              adopted["namespace"], adopted["name"], uid)
@@ -374,6 +398,7 @@ class PodManager:
                 self._take_over(w, adopted)
             with self.lock:
                 self.works[uid] = w
+                w.exits.extend(self._pending_exits.pop(uid, ()))
         if w.terminated:
             # Stopped and deleted; forgotten once its source forgets it.
             if desired is None:

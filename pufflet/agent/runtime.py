@@ -65,13 +65,23 @@ class Runtime:
     # -- the exits stream ----------------------------------------------------
 
     def start(self) -> None:
-        threading.Thread(target=self._watch, name="container-exits", daemon=True).start()
+        """Subscribe now, before the caller asks ListPods: the parent
+        handles requests in order, so every exit after that answer is on
+        the stream.  The stream is read by a thread of its own."""
+        try:
+            first = self.client.stream("WatchContainers", {})
+        except (Status, ConnectionError, OSError) as e:
+            log.warning("watching container exits: %s", e)
+            first = None
+        threading.Thread(target=self._watch, args=(first,), name="container-exits",
+                         daemon=True).start()
 
-    def _watch(self) -> None:
+    def _watch(self, first=None) -> None:
         delay = 0.5
         while not self.stop.is_set():
             try:
-                for reply in self.client.stream("WatchContainers", {}):
+                stream, first = first or self.client.stream("WatchContainers", {}), None
+                for reply in stream:
                     delay = 0.5
                     self._deliver(Exit.of(reply.body))
                     if self.stop.is_set():

@@ -416,8 +416,14 @@ def test_env_from_config_map(admin, manager):
     admin.create_namespaced_config_map("default", {"metadata": {"name": "cm"},
                                                    "data": {"greeting": "hello"}})
     manager()
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
     c = {"name": "main", "command": ["/bin/sh", "-c", 'test "$GREETING" = hello && '
-                                     'test "$(cat /etc/cfg/greeting)" = hello'],
+                                     'test "$(cat /etc/cfg/greeting)" = hello && '
+                                     # the API server's projected kube-api-access volume
+                                     f'test "$(cat {sa}/namespace)" = default && '
+                                     f'case "$(cat {sa}/ca.crt)" in *"BEGIN CERTIFICATE"*) ;; '
+                                     '*) exit 5;; esac && '
+                                     f'case "$(cat {sa}/token)" in ?*.?*.?*) ;; *) exit 6;; esac'],
          "env": [{"name": "GREETING", "valueFrom": {"configMapKeyRef": {
              "name": "cm", "key": "greeting"}}}],
          "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"}]}

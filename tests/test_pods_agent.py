@@ -498,6 +498,27 @@ def test_exit_while_a_new_agent_takes_over_is_not_lost(admin, manager, parent, m
     assert term["exitCode"] == 137 and term["signal"] == 9
 
 
+def test_a_finished_pod_is_not_run_again_by_a_new_agent(admin, manager, parent):
+    first = manager()
+    create(admin, pod("done", ("main", "echo ran >> /tmp/runs"), restart="Never"))
+    create(admin, pod("evicted", ("main", "sleep 60")))
+    p = wait_pod(admin, "done", lambda p: p["status"].get("phase") == "Succeeded")
+    uid = p["metadata"]["uid"]
+    assert wait_until(lambda: uid not in parent.pods.pods, 10)     # its root is gone
+    # Failed for a reason the containers do not show (an eviction).
+    ev = wait_pod(admin, "evicted", lambda p: p["status"].get("phase") == "Running")
+    first.close()
+    parent.pods.remove_pod({"pod_uid": ev["metadata"]["uid"]}, [])
+    admin.patch_namespaced_pod_status("evicted", "default", {"status": {
+        "phase": "Failed", "reason": "Evicted", "message": "gone"}})
+    manager()
+    time.sleep(1.5)         # a few syncs (resync is 1 s here)
+    assert parent.pods.pods == {}, "a finished pod was started again"
+    assert get(admin, "done")["status"]["phase"] == "Succeeded"
+    p = get(admin, "evicted")
+    assert (p["status"]["phase"], p["status"]["reason"]) == ("Failed", "Evicted")
+
+
 def test_liveness_failure_restarts(admin, manager):
     manager()
     c = {"name": "main", "command": ["/bin/sh", "-c", "sleep 60"],

@@ -394,6 +394,11 @@ class PodManager:
                     self.runtime.remove_pod(uid)
                 return
             w = PodWork(uid, desired, static)
+            # A terminal phase is never left (the kubelet's rule too): a pod
+            # that finished before this agent started is not run again.
+            api_phase = (desired.get("status") or {}).get("phase")
+            if not static and api_phase in (SUCCEEDED, FAILED):
+                w.phase = api_phase
             if adopted is not None:
                 self._take_over(w, adopted)
             with self.lock:

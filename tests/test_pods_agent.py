@@ -364,7 +364,7 @@ def unused_port():
 
 def test_pod_runs_and_is_ready(admin, manager, api):
     manager()
-    create(admin, pod("web", ("main", "sleep 30")))
+    create(admin, pod("web", ("main", "exec sleep 30")))
     p = wait_pod(admin, "web", lambda p: p["status"].get("phase") == "Running"
                  and cond(p, "Ready") == "True")
     cs = cstatus(p, "main")
@@ -403,7 +403,7 @@ def test_crash_loop_backs_off(admin, manager):
 
 def test_init_container_failure_fails_pod(admin, manager):
     manager()
-    create(admin, pod("initfail", ("main", "sleep 30"), restart="Never",
+    create(admin, pod("initfail", ("main", "exec sleep 30"), restart="Never",
                       init=[("first", "exit 0"), ("second", "exit 7")]))
     p = wait_pod(admin, "initfail", lambda p: p["status"].get("phase") == "Failed")
     assert cstatus(p, "first", "initContainerStatuses")["state"]["terminated"]["exitCode"] == 0
@@ -478,7 +478,7 @@ def test_exit_while_a_new_agent_takes_over_is_not_lost(admin, manager, parent, m
     the stream: a container that ends between the two (before the pod's
     worker exists) must still be seen to end."""
     first = manager()
-    created = create(admin, pod("handover", ("main", "sleep 60")))
+    created = create(admin, pod("handover", ("main", "exec sleep 60")))
     uid = created["metadata"]["uid"]
     wait_pod(admin, "handover", lambda p: p["status"].get("phase") == "Running")
     first.close()
@@ -501,7 +501,7 @@ def test_exit_while_a_new_agent_takes_over_is_not_lost(admin, manager, parent, m
 def test_a_finished_pod_is_not_run_again_by_a_new_agent(admin, manager, parent):
     first = manager()
     create(admin, pod("done", ("main", "echo ran >> /tmp/runs"), restart="Never"))
-    create(admin, pod("evicted", ("main", "sleep 60")))
+    create(admin, pod("evicted", ("main", "exec sleep 60")))
     p = wait_pod(admin, "done", lambda p: p["status"].get("phase") == "Succeeded")
     uid = p["metadata"]["uid"]
     assert wait_until(lambda: uid not in parent.pods.pods, 10)     # its root is gone
@@ -521,7 +521,7 @@ def test_a_finished_pod_is_not_run_again_by_a_new_agent(admin, manager, parent):
 
 def test_liveness_failure_restarts(admin, manager):
     manager()
-    c = {"name": "main", "command": ["/bin/sh", "-c", "sleep 60"],
+    c = {"name": "main", "command": ["/bin/sh", "-c", "exec sleep 60"],
          "livenessProbe": {"exec": {"command": ["/bin/sh", "-c", "exit 1"]},
                            "periodSeconds": 1, "failureThreshold": 1,
                            "terminationGracePeriodSeconds": 1}}
@@ -536,7 +536,7 @@ def test_readiness_flips_ready(admin, manager):
     manager()
     c = {"name": "main",
          "command": ["/bin/sh", "-c", "sleep 1; echo x > /tmp/ready; sleep 3; "
-                     ": > /tmp/ready; sleep 60"],
+                     ": > /tmp/ready; exec sleep 60"],
          "readinessProbe": {"exec": {"command": ["/bin/sh", "-c", "test -s /tmp/ready"]},
                             "periodSeconds": 1}}
     create(admin, pod("flip", c))
@@ -550,7 +550,7 @@ def test_readiness_flips_ready(admin, manager):
 
 def test_exec_probe_is_killed_at_its_timeout(admin, manager, parent):
     manager()
-    c = {"name": "main", "command": ["/bin/sh", "-c", "sleep 60"],
+    c = {"name": "main", "command": ["/bin/sh", "-c", "exec sleep 60"],
          "readinessProbe": {"exec": {"command": [
              "/bin/sh", "-c", "echo $$ >> /tmp/probes; exec sleep 30"]},
              "periodSeconds": 1, "timeoutSeconds": 1}}
@@ -576,7 +576,7 @@ def test_exec_probe_is_killed_at_its_timeout(admin, manager, parent):
 
 # Writes n KiB into /data, then waits.
 FILL = ('s=x; for i in 1 2 3 4 5 6 7 8 9 10; do s=$s$s; done; i=0; '
-        'while [ $i -lt {n} ]; do echo "$s"; i=$((i+1)); done > /data/f; sleep 60')
+        'while [ $i -lt {n} ]; do echo "$s"; i=$((i+1)); done > /data/f; exec sleep 60')
 
 
 def test_empty_dir_over_its_size_limit_evicts_the_pod(admin, manager, parent, monkeypatch):
@@ -610,7 +610,7 @@ def test_http_tcp_and_startup_probes(admin, manager, probed):
     dead, dead_port = unused_port()
     late, late_port = unused_port()
     probed.codes.update({"/ready": 200, "/alive": 200})
-    sleep = ["/bin/sh", "-c", "sleep 60"]
+    sleep = ["/bin/sh", "-c", "exec sleep 60"]
     ready_probe = {"httpGet": {"path": "/ready", "port": "web",
                                "httpHeaders": [{"name": "X-Probe", "value": "yes"}]},
                    "periodSeconds": 1, "failureThreshold": 1}
@@ -670,11 +670,11 @@ def test_lifecycle_hooks(admin, manager, cfg, probed):
     hook_exec = {"name": "main", "command": ["/bin/sh", "-c", HOOKED], "lifecycle": {
         "postStart": {"exec": {"command": ["/bin/sh", "-c", "echo hook > /tmp/poststart"]}},
         "preStop": {"exec": {"command": ["/bin/sh", "-c", "echo pre > /tmp/prestop"]}}}}
-    hook_http = {"name": "side", "command": ["/bin/sh", "-c", "sleep 60"], "lifecycle": {
+    hook_http = {"name": "side", "command": ["/bin/sh", "-c", "exec sleep 60"], "lifecycle": {
         "postStart": {"httpGet": {"path": "/poststart", "port": probed.port}},
         "preStop": {"httpGet": {"path": "/prestop", "port": probed.port,
                                 "httpHeaders": [{"name": "X-Hook", "value": "1"}]}}}}
-    failing = {"name": "main", "command": ["/bin/sh", "-c", "sleep 60"], "lifecycle": {
+    failing = {"name": "main", "command": ["/bin/sh", "-c", "exec sleep 60"], "lifecycle": {
         "postStart": {"exec": {"command": ["/bin/sh", "-c", "echo nope; exit 3"]}}}}
     create(admin, pod("hooks", hook_exec, hook_http, grace=10))
     create(admin, pod("badhook", failing, restart="Never"))
@@ -765,7 +765,7 @@ spec:
   - name: hello
     image: local/shell:1
     imagePullPolicy: Never
-    command: ["/bin/sh", "-c", "sleep 60"]
+    command: ["/bin/sh", "-c", "exec sleep 60"]
 """
 
 

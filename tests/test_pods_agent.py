@@ -705,21 +705,27 @@ def test_config_map_and_secret_updates_reach_the_pod(admin, manager, cfg, parent
     admin.create_namespaced_secret("default", {"metadata": {"name": "sec"},
                                                "stringData": {"token": "one"}})
     manager()
-    script = ('while :; do echo "$(cat /etc/cfg/greeting) $(cat /etc/sec/token)"; '
-              'sleep 0.1; done')
+    script = ('while :; do echo "$(cat /etc/cfg/greeting) $(cat /etc/sec/token) '
+              '$(cat /etc/info/labels)"; sleep 0.1; done')
     c = {"name": "main", "command": ["/bin/sh", "-c", script],
          "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"},
-                          {"name": "sec", "mountPath": "/etc/sec", "readOnly": True}]}
-    p = create(admin, pod("upd", c, volumes=[
+                          {"name": "sec", "mountPath": "/etc/sec", "readOnly": True},
+                          {"name": "info", "mountPath": "/etc/info"}]}
+    body = pod("upd", c, volumes=[
         {"name": "cfg", "configMap": {"name": "cm"}},
-        {"name": "sec", "secret": {"secretName": "sec", "defaultMode": 0o400}}]))
-    assert wait_until(lambda: "hello one" in log_text(cfg, p, "main"), 10)
+        {"name": "sec", "secret": {"secretName": "sec", "defaultMode": 0o400}},
+        {"name": "info", "downwardAPI": {"items": [
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}])
+    body["metadata"]["labels"] = {"tier": "a"}
+    p = create(admin, body)
+    assert wait_until(lambda: 'hello one tier="a"' in log_text(cfg, p, "main"), 10)
     vol = Path(parent.pods._root(p["metadata"]["uid"])) / ".pufflet" / "volumes"
     old_data = os.readlink(vol / "cfg" / "..data")
     admin.patch_namespaced_config_map("cm", "default", {"data": {"greeting": "bye"}})
     admin.patch_namespaced_secret("sec", "default", {"stringData": {"token": "two"}})
+    admin.patch_namespaced_pod("upd", "default", {"metadata": {"labels": {"tier": "b"}}})
     # Seen by the running container, without a restart.
-    assert wait_until(lambda: "bye two" in log_text(cfg, p, "main"), 10), \
+    assert wait_until(lambda: 'bye two tier="b"' in log_text(cfg, p, "main"), 10), \
         log_text(cfg, p, "main")
     # Swapped in whole: ..data points at a new directory, the old one is gone.
     new_data = os.readlink(vol / "cfg" / "..data")

@@ -575,14 +575,35 @@ def test_exec_probe_is_killed_at_its_timeout(admin, manager, parent):
 
 
 # Writes n KiB into /data, then waits.
-FILL = ('s=x; for i in 1 2 3 4 5 6 7 8 9 10; do s=$s$s; done; i=0; '
-        'while [ $i -lt {n} ]; do echo "$s"; i=$((i+1)); done > /data/f; exec sleep 60')
+FILL_ONLY = ('s=x; for i in 1 2 3 4 5 6 7 8 9 10; do s=$s$s; done; i=0; '
+             'while [ $i -lt {n} ]; do echo "$s"; i=$((i+1)); done > /data/f')
+FILL = FILL_ONLY + "; exec sleep 60"
 
 
-def test_empty_dir_over_its_size_limit_evicts_the_pod(admin, manager, parent, monkeypatch):
+CRITICAL = """apiVersion: v1
+kind: Pod
+metadata:
+  name: critical
+spec:
+  containers:
+  - name: main
+    image: local/shell:1
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", {script}]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes: [{{name: data, emptyDir: {{sizeLimit: 1Mi}}}}]
+"""
+
+
+def test_empty_dir_over_its_size_limit_evicts_the_pod(admin, manager, parent, monkeypatch,
+                                                      public_tmp):
     from pufflet.priv import stats
     monkeypatch.setattr(stats, "DU_TTL", 0.2)
-    manager()
+    d = public_tmp / "manifests"
+    d.mkdir()
+    script = json.dumps(FILL_ONLY.format(n=1500) + "; : > /data/done; exec sleep 60")
+    (d / "critical.yaml").write_text(CRITICAL.format(script=script))
+    manager(static_dir=str(d))
     vols = [{"name": "data", "emptyDir": {"sizeLimit": "1Mi"}}]
     for name, kib in (("big", 1500), ("small", 100)):
         c = {"name": "main", "command": ["/bin/sh", "-c", FILL.format(n=kib)],
@@ -603,6 +624,12 @@ def test_empty_dir_over_its_size_limit_evicts_the_pod(admin, manager, parent, mo
     # Under its limit, the other pod runs on.
     p = get(admin, "small")
     assert p["status"]["phase"] == "Running" and "running" in cstatus(p, "main")["state"]
+    # A static pod is critical: over its limit too, yet never evicted.
+    (static_uid,) = [u for u, h in parent.pods.pods.items() if h["name"] == f"critical-{NODE}"]
+    done = Path(parent.pods._root(static_uid)) / ".pufflet" / "volumes" / "data" / "done"
+    assert wait_until(done.exists, 10)
+    time.sleep(1.0)     # three checks
+    assert parent.pods.pods[static_uid]["containers"]["main"]["running"]
 
 
 def test_http_tcp_and_startup_probes(admin, manager, probed):

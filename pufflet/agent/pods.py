@@ -78,6 +78,8 @@ KILL_WAIT = 5.0
 # eviction manager looks every 10 s (the parent measures a volume at most
 # once a minute, priv/stats.DU_TTL, as the kubelet's volume stats do).
 EVICTION_INTERVAL = 10.0
+# system-cluster-critical and above: like static pods, never evicted.
+CRITICAL_PRIORITY = 2_000_000_000
 TOKEN_DEFAULT_TTL = 3600
 # Exits kept for pods without a worker yet: per pod, and pods.
 MAX_PENDING_EXITS = 64
@@ -900,6 +902,8 @@ class PodManager:
         for w in works:
             if w.phase in (SUCCEEDED, FAILED) or w.terminating or w.evicted is not None:
                 continue
+            if w.static or (w.pod["spec"].get("priority") or 0) >= CRITICAL_PRIORITY:
+                continue        # critical pods are never evicted (kubelet's IsCriticalPod)
             for vol in w.pod["spec"].get("volumes") or ():
                 limit = (vol.get("emptyDir") or {}).get("sizeLimit") \
                     if "emptyDir" in vol else None

@@ -70,6 +70,19 @@ def test_tcp_socket_open_and_refused():
         assert probes.tcp_socket({"port": port}, {"name": "c"}, 1).ok
 
 
+def test_handlers_go_to_the_pods_address_unless_told():
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))     # listening on the "pod's" address only
+        s.listen()
+        port = s.getsockname()[1]
+        c = {"name": "c"}
+        assert not probes.run_handler({"tcpSocket": {"port": port}}, c, 1, "u", None).ok
+        assert probes.run_handler({"tcpSocket": {"port": port}}, c, 1, "u", None,
+                                  "127.0.0.2").ok
+        assert probes.run_handler({"tcpSocket": {"port": port, "host": "127.0.0.2"}}, c, 1,
+                                  "u", None, "127.0.0.1").ok
+
+
 def test_exec_handler_outcomes():
     calls = []
 
@@ -181,6 +194,23 @@ def test_startup_gates_the_others_then_stops():
         assert script.runs.count("l") >= 2
     finally:
         p.close()
+
+
+def test_prober_probes_the_pods_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p, results, failures = prober(Script())
+        try:
+            c = {"name": "c", "readinessProbe": {"tcpSocket": {"port": port},
+                                                 "periodSeconds": 1}}
+            p.update("u", c, "id1", time.time(), True)          # 127.0.0.1: refused
+            assert wait_until(lambda: failures, 5)
+            p.update("u", c, "id1", time.time(), True, "127.0.0.2")    # its address now
+            assert wait_until(lambda: p.result("u", "c", probes.READINESS) is True, 5)
+        finally:
+            p.close()
 
 
 def test_initial_delay_counts_from_the_containers_start():

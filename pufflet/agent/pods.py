@@ -829,7 +829,8 @@ class PodManager:
         self.recorder.event(pod, ev.NORMAL, "Started", f"Started container {c.name}", c.name)
         hook = (cspec.get("lifecycle") or {}).get("postStart")
         if hook:
-            out = probes.run_handler(hook, cspec, self._grace(w.pod), w.uid, self._exec)
+            out = probes.run_handler(hook, cspec, self._grace(w.pod), w.uid, self._exec,
+                                     self._pod_ip(w))
             if not out.ok:
                 self.recorder.event(pod, ev.WARNING, "FailedPostStartHook",
                                     f"PostStartHook failed: {out.message}", c.name)
@@ -868,12 +869,13 @@ class PodManager:
                 c.kill_deadline = now + KILL_WAIT
 
     def _update_probes(self, w: PodWork) -> None:
+        host = self._pod_ip(w)
         for cspec in w.pod["spec"]["containers"]:
             c = w.containers[cspec["name"]]
             cur = c.current
             self.prober.update(w.uid, cspec, cur.container_id if cur else "",
                                cur.started_at if cur else 0.0,
-                               c.running and c.kill_deadline is None)
+                               c.running and c.kill_deadline is None, host)
 
     def _next_wake(self, w: PodWork) -> float:
         now = time.monotonic()
@@ -985,7 +987,8 @@ class PodManager:
                 hook = (cspec.get("lifecycle") or {}).get("preStop")
                 if hook:
                     left = max(0.0, w.grace_deadline - time.monotonic())
-                    out = probes.run_handler(hook, cspec, left, w.uid, self._exec)
+                    out = probes.run_handler(hook, cspec, left, w.uid, self._exec,
+                                             self._pod_ip(w))
                     if not out.ok:
                         self.recorder.event(pod, ev.WARNING, "FailedPreStopHook",
                                             f"PreStopHook failed: {out.message}", c.name)

@@ -17,9 +17,10 @@ anew:
     failure restarts a container once.
 
 Every probe is scheduled on one thread and run on a small pool, never a
-thread per probe.  Hosts: httpGet and tcpSocket go to the pod's IP; until
-pods get their own network that is the node's loopback, 127.0.0.1, which
-is right for host-network pods and the only address there is for now.
+thread per probe.  Hosts: httpGet and tcpSocket go to the pod's IP, as the
+kubelet's do (the agent reaches pod networks from the node's: the node
+side of each pod's link has the gateway address), unless the handler
+names a host; the pod's IP is the node's for pods on the node's network.
 """
 
 from __future__ import annotations
@@ -130,8 +131,9 @@ ExecFn = Callable[[str, str, list[str], float], tuple[int | None, str]]
 
 
 def run_handler(handler: dict, container: dict, timeout: float, pod_uid: str,
-                exec_fn: ExecFn) -> Outcome:
-    """One probe or hook handler: exec, httpGet or tcpSocket."""
+                exec_fn: ExecFn, pod_host: str = POD_HOST) -> Outcome:
+    """One probe or hook handler: exec, httpGet or tcpSocket (to pod_host,
+    the pod's IP, unless the handler names a host)."""
     if handler.get("exec") is not None:
         argv = list(handler["exec"].get("command") or ())
         if not argv:
@@ -144,9 +146,9 @@ def run_handler(handler: dict, container: dict, timeout: float, pod_uid: str,
             return Outcome(True, out)
         return Outcome(False, f"command {argv!r} exited with {code}: {out}")
     if handler.get("httpGet") is not None:
-        return http_get(handler["httpGet"], container, timeout)
+        return http_get(handler["httpGet"], container, timeout, pod_host)
     if handler.get("tcpSocket") is not None:
-        return tcp_socket(handler["tcpSocket"], container, timeout)
+        return tcp_socket(handler["tcpSocket"], container, timeout, pod_host)
     if handler.get("sleep") is not None:
         time.sleep(min(float(handler["sleep"].get("seconds", 0)), timeout))
         return Outcome(True)
@@ -185,6 +187,7 @@ class _Worker:
     container_id: str
     started_at: float           # wall clock, the container's start
     result: bool | None         # None: no result yet
+    host: str = POD_HOST        # the pod's IP
     streak: int = 0
     last: bool | None = None
     on_hold: bool = False
@@ -234,10 +237,10 @@ class Prober:
     # -- what the manager tells us -------------------------------------------
 
     def update(self, pod_uid: str, container: dict, container_id: str,
-               started_at: float, running: bool) -> None:
+               started_at: float, running: bool, host: str = POD_HOST) -> None:
         """Make the probes of one container match its spec and state: add
         them for a running container, reset them for a new container id,
-        drop them when it is not running."""
+        drop them when it is not running.  host: the pod's IP."""
         name = container["name"]
         for kind, field_name in KINDS.items():
             key = (pod_uid, name, kind)
@@ -251,11 +254,12 @@ class Prober:
                     continue
                 if w is not None and w.container_id == container_id and w.probe == probe:
                     w.container = container
+                    w.host = host
                     continue
                 if w is not None:
                     w.removed = True
                 w = _Worker(pod_uid, container, kind, probe, Settings.of(probe),
-                            container_id, started_at, _initial(kind))
+                            container_id, started_at, _initial(kind), host)
                 self._workers[key] = w
                 self._push(key, self.clock())
 
@@ -319,7 +323,7 @@ class Prober:
                 gated = self._gated(w)
             if not gated:
                 out = run_handler(w.probe, w.container, w.settings.timeout, w.pod_uid,
-                                  self.exec_fn)
+                                  self.exec_fn, w.host)
                 with self._lock:
                     if not w.removed and not out.ok:
                         failed = out.message

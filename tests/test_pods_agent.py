@@ -498,6 +498,43 @@ def test_exit_while_a_new_agent_takes_over_is_not_lost(admin, manager, parent, m
     assert term["exitCode"] == 137 and term["signal"] == 9
 
 
+def test_a_new_agent_probes_and_stops_adopted_containers_as_started(admin, manager, cfg,
+                                                                     image_layer):
+    """Exec probes run with the container's env and working directory, and
+    deletion sends the image's stop signal, after an agent restart too."""
+    from pufflet.priv.imagestore import Store
+    st = Store(os.path.join(cfg.state_dir, "images"))
+    add_image(st, "local/stop:1", [image_layer], config={"Cmd": ["/bin/sh"],
+                                                        "StopSignal": "SIGUSR1"})
+    st.close()
+    first = manager()
+    c = {"name": "main", "image": "local/stop:1", "workingDir": "/tmp",
+         "command": ["/bin/sh", "-c", 'trap "" TERM; trap "exit 0" USR1; '
+                     'while :; do sleep 0.1; done'],
+         "env": [{"name": "FLAG", "value": "on"}],
+         "readinessProbe": {"exec": {"command": [
+             "/bin/sh", "-c", 'test "$FLAG" = on && test "$(pwd)" = /tmp']},
+             "periodSeconds": 1, "failureThreshold": 1}}
+    create(admin, pod("adopted", c, grace=30))
+    create(admin, pod("adopted2", c, grace=30))
+    for name in ("adopted", "adopted2"):
+        wait_pod(admin, name, lambda p: cond(p, "Ready") == "True")
+    first.close()
+    # Deleted while no agent runs: the new one stops it with SIGUSR1 too.
+    admin.delete_namespaced_pod("adopted2", "default")
+    t0 = time.monotonic()
+    manager()
+    assert wait_until(lambda: get(admin, "adopted2") is None, 5), "not stopped by SIGUSR1"
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - t0)))     # probe periods, new agent
+    p = wait_pod(admin, "adopted", lambda p: cond(p, "Ready") == "True")
+    assert cstatus(p, "main")["ready"] and cstatus(p, "main")["restartCount"] == 0
+    assert not [e for e in events(admin, "adopted") if e[1] == "Unhealthy"]
+    t0 = time.monotonic()
+    admin.delete_namespaced_pod("adopted", "default")
+    assert wait_until(lambda: get(admin, "adopted") is None, 5), "not stopped by SIGUSR1"
+    assert time.monotonic() - t0 < 5
+
+
 def test_a_finished_pod_is_not_run_again_by_a_new_agent(admin, manager, parent):
     first = manager()
     create(admin, pod("done", ("main", "echo ran >> /tmp/runs"), restart="Never"))

@@ -136,6 +136,8 @@ class CState:
     env: list[str] = field(default_factory=list)
     working_dir: str = "/"
     stop_signal: str = "SIGTERM"
+    adopted: bool = False               # env, working_dir, stop_signal not known yet
+    adopted_image: str = ""             # the digest the parent started it from
 
     @property
     def running(self) -> bool:
@@ -445,6 +447,8 @@ class PodManager:
             if cs.current is None or inst.restart_count >= cs.current.restart_count:
                 cs.current = inst
                 cs.waiting = ("", "")
+                cs.adopted = True
+                cs.adopted_image = c.get("image") or ""
         w.admitted = True
 
     def _drain(self, w: PodWork) -> None:
@@ -497,6 +501,10 @@ class PodManager:
         # Init containers, in order: each must succeed before the next
         # starts; one that fails and may not restart fails the pod
         # (podstatus.finished says so, and the phase follows).
+        for cspec in all_specs:
+            c = w.containers[cspec["name"]]
+            if c.adopted and c.running:
+                self._restore_context(w, c, cspec)
         for cspec in inits:
             c = w.containers[cspec["name"]]
             if c.running:
@@ -770,16 +778,40 @@ class PodManager:
         c.backoff_until = 0.0
         return True
 
+    def _container_env(self, w: PodWork, cspec: dict, image_cfg) -> envvars.ContainerEnv:
+        pod = w.pod
+        return envvars.container_env(
+            pod, cspec, lookup=_Lookups(self, pod) if self.core is not None else None,
+            services=self._services(), host_ip=[self._host_ip()],
+            pod_ips=[self._pod_ip(w)],
+            image_env=image_cfg.env, hostname=pod_hostname(pod),
+            allocatable=self.allocatable())
+
+    def _restore_context(self, w: PodWork, c: CState, cspec: dict) -> None:
+        """A container this agent took over: its env, working directory and
+        stop signal, computed again as its start did (exec probes and hooks
+        run with them, deletion sends the signal).  On failure the
+        defaults stay, and the next sync tries again."""
+        digest = c.digest or c.adopted_image
+        if not digest:
+            return
+        try:
+            image_cfg = self.runtime.image_config({"digest": digest})
+            made = self._container_env(w, cspec, image_cfg)
+        except (envvars.EnvError, k8s.ApiException, Status, OSError, ValueError) as e:
+            log.info("pod %s: container %s: its env cannot be computed again: %s",
+                     self._name(w.uid), c.name, e)
+            return
+        c.env = made.env
+        c.working_dir = cspec.get("workingDir") or image_cfg.working_dir or "/"
+        c.stop_signal = _stop_signal(image_cfg.stop_signal)
+        c.adopted = False
+
     def _start(self, w: PodWork, c: CState, cspec: dict) -> None:
         pod = w.pod
         image_cfg = self.runtime.image_config({"digest": c.digest})
         try:
-            made = envvars.container_env(
-                pod, cspec, lookup=_Lookups(self, pod) if self.core is not None else None,
-                services=self._services(), host_ip=[self._host_ip()],
-                pod_ips=[self._pod_ip(w)],
-                image_env=image_cfg.env, hostname=pod_hostname(pod),
-                allocatable=self.allocatable())
+            made = self._container_env(w, cspec, image_cfg)
             argv = expand.command_args(cspec, image_cfg, made.variables)
         except (envvars.EnvError, expand.NoCommandError, k8s.ApiException) as e:
             # The kubelet's CreateContainerConfigError / CreateContainerError:
@@ -795,10 +827,8 @@ class PodManager:
         env_list = made.env
         c.env = env_list
         c.working_dir = cspec.get("workingDir") or image_cfg.working_dir or "/"
-        sig = (image_cfg.stop_signal or "SIGTERM").upper()
-        if not sig.startswith("SIG"):
-            sig = "SIG" + sig
-        c.stop_signal = sig if sig in _SIGNALS else "SIGTERM"
+        c.stop_signal = _stop_signal(image_cfg.stop_signal)
+        c.adopted = False
         restarts = 0 if c.current is None else c.current.restart_count + 1
         req = {"pod_uid": w.uid, "name": c.name, "restart_count": restarts,
                "image": c.digest, "argv": argv, "env": env_list,
@@ -982,6 +1012,8 @@ class PodManager:
             running = [c for c in w.containers.values() if c.running]
             for c in running:
                 cspec = _container_spec(pod, c.name) or {}
+                if c.adopted and cspec:
+                    self._restore_context(w, c, cspec)      # its stop signal, its env
                 self.recorder.event(pod, ev.NORMAL, "Killing",
                                     f"Stopping container {c.name}", c.name)
                 hook = (cspec.get("lifecycle") or {}).get("preStop")
@@ -1197,6 +1229,15 @@ def _evicted_status(st: dict, message: str, previous: dict | None, now: float) -
             "lastTransitionTime": (old or {}).get("lastTransitionTime") or rfc3339(now)}
     st["conditions"] = [c for c in st.get("conditions") or ()
                         if c.get("type") != "DisruptionTarget"] + [cond]
+
+
+def _stop_signal(image_signal: str | None) -> str:
+    """The image's StopSignal as SignalContainer names it; SIGTERM when
+    unset or not one pufflet sends."""
+    sig = (image_signal or "SIGTERM").upper()
+    if not sig.startswith("SIG"):
+        sig = "SIG" + sig
+    return sig if sig in _SIGNALS else "SIGTERM"
 
 
 def _exit_state(inst: Instance) -> podstatus.Terminated:

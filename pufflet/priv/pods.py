@@ -579,7 +579,7 @@ class PodRuntime:
                       "restart_count": c["restart_count"], "pid": c["pid"],
                       "started_at": c["started_at"], "running": running,
                       "reason": c.get("reason", "")}
-                for k in ("exit_code", "signal", "finished_at"):
+                for k in ("exit_code", "signal", "finished_at", "image"):
                     if c.get(k) is not None:
                         st[k] = c[k]
                 cs.append(st)

@@ -40,7 +40,9 @@ pytestmark = pytest.mark.skipif(
 NODE = "pn1"
 IMAGE = "local/shell:1"
 TOOLS = ("/bin/sh", "/bin/sleep", "/bin/cat")
-UID_MIN = 3_300_000
+# Pod uids are killed by uid: a range of this run's own (from the pid),
+# so that two runs on one machine never kill each other's containers.
+UID_MIN = 3_300_000 + (os.getpid() % 500) * 200
 
 
 # ---------------------------------------------------------------------------
@@ -756,7 +758,9 @@ def test_lifecycle_hooks(admin, manager, cfg, probed):
     admin.delete_namespaced_pod("hooks", "default")
     assert wait_until(lambda: get(admin, "hooks") is None, 15)
     assert time.monotonic() - t0 < 8, "the pod waited for its grace period"
-    assert "term pre" in log_text(cfg, p, "main")
+    # (the logger, a process of its own, may still be draining the pipe)
+    assert wait_until(lambda: "term pre" in log_text(cfg, p, "main"), 5), \
+        log_text(cfg, p, "main")
     (headers,) = [h for path, h in probed.seen if path == "/prestop"]
     assert headers["X-Hook"] == "1"
 

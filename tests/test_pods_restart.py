@@ -29,8 +29,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs Linux and root: the real daemon, real chroots, real pod uids")
 
 NODE = "test-node"
-# A range of its own: pod uids are killed by uid.
-UID_MIN = 3_470_000
+# A range of its own, and of this run's (from the pid): pod uids are
+# killed by uid, and two runs on one machine must not kill each other's.
+UID_MIN = 3_470_000 + (os.getpid() % 500) * 50
 
 MAIN = 'i=0; while :; do i=$((i+1)); echo "tick $i"; sleep 0.1; done'
 # Ends once told to; its next run stays.

@@ -11,6 +11,7 @@ import pytest
 
 from daemon import wait_until
 from pufflet.agent import probes
+from pufflet.privsep.channel import Status
 
 SCALE = 0.05
 
@@ -97,6 +98,11 @@ def test_exec_handler_outcomes():
     out = probes.run_handler({"exec": {"command": ["slow"]}}, c, 3, "u", exec_fn)
     assert out == probes.Outcome(False, "command timed out after 3s: so far")
     assert not probes.run_handler({"exec": {"command": []}}, c, 3, "u", exec_fn).ok
+
+    def gone(*a):
+        raise Status("NOT_FOUND", "container c of pod u is not running")
+    out = probes.run_handler({"exec": {"command": ["ok"]}}, c, 3, "u", gone)
+    assert out == probes.Outcome(False, "exec 'ok': container c of pod u is not running")
 
 
 # ---------------------------------------------------------------------------

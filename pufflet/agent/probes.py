@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pufflet.privsep.channel import Status
+
 log = logging.getLogger("pufflet.agent.probes")
 
 STARTUP, READINESS, LIVENESS = "startup", "readiness", "liveness"
@@ -138,7 +140,13 @@ def run_handler(handler: dict, container: dict, timeout: float, pod_uid: str,
         argv = list(handler["exec"].get("command") or ())
         if not argv:
             return Outcome(False, "exec handler without a command")
-        code, out = exec_fn(pod_uid, container["name"], argv, timeout)
+        try:
+            code, out = exec_fn(pod_uid, container["name"], argv, timeout)
+        except (Status, OSError) as e:
+            # The container ended meanwhile, or the parent said no: a
+            # failed attempt (the kubelet's "probe errored"), not a crash.
+            return Outcome(False, f"exec {argv[0]!r}: "
+                           f"{e.message if isinstance(e, Status) else e}")
         if code is None:
             return Outcome(False, f"command timed out after {timeout:g}s" +
                            (f": {out}" if out else ""))

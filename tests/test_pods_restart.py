@@ -191,6 +191,18 @@ def test_pods_survive_sigkill_of_pufflet(public_tmp):
         assert got == list(range(got[0], got[0] + len(got)))
         assert not (log.parent / "1.log").exists()
 
+        # rcctl restart (SIGTERM, then a start): the same again.
+        d2.stop()
+        d3 = Daemon(cfg, subreaper=True)
+        daemons.append(d3)
+        d3.wait_for(r"adopting them", timeout=20)
+        n = len(ticks(log))
+        assert wait_until(lambda: len(ticks(log)) >= n + 3, 5)
+        again = pod_json(admin, "web")
+        assert alive(main_pid) and ready(again)
+        for k in ("containerID", "restartCount", "state"):
+            assert cstatus(again, "main")[k] == main0[k], k
+
         # And they can still be deleted: the adopted process goes too.
         admin.delete_namespaced_pod("web", "default")
         admin.delete_namespaced_pod("quick", "default")
@@ -198,7 +210,7 @@ def test_pods_survive_sigkill_of_pufflet(public_tmp):
                           and pod_json(admin, "quick") is None, 20)
         assert wait_until(lambda: not alive(main_pid), 5)
         assert held(state) == {}
-        assert not [line for line in d1.lines + d2.lines if "Traceback" in line]
+        assert not [line for d in daemons for line in d.lines if "Traceback" in line]
     finally:
         for d in daemons:
             d.stop()

@@ -492,7 +492,14 @@ class PodManager:
             req = self._create_request(w, all_specs)
             if req is None:
                 return          # the pod network is not ready: the resync retries
-            w.info = self.runtime.create_pod(req)
+            try:
+                w.info = self.runtime.create_pod(req)
+            except Status as e:
+                # The kubelet's event for a sandbox it cannot make (a pod
+                # network that cannot be set up, a CIDR that changed).
+                self._event_once(w, ev.WARNING, "FailedCreatePodSandBox",
+                                 f"Failed to create pod sandbox: {e.message}")
+                raise
             if w.info.get("dev_missing_reason"):
                 log.info("pod %s: no /dev: %s", self._name(w.uid), w.info["dev_missing_reason"])
         if not self._volumes(w):
@@ -605,7 +612,11 @@ class PodManager:
         cidr = None
         if not host_net and self.cfg.pod_network.cidr is None:
             cidr = self.pod_cidr()
-            if cidr is None:
+            # 'pod network from node' said, and a Node that can get one:
+            # no podCIDR yet means not yet (the controller manager
+            # allocates it after registration).
+            if cidr is None or (not cidr and self.cfg.pod_network.from_node
+                                and self.core is not None):
                 self._event_once(w, ev.WARNING, "NetworkNotReady",
                                  "network is not ready: the Node's podCIDR is not "
                                  "known yet")

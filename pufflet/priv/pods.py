@@ -44,6 +44,7 @@ from pufflet.config import Config
 from pufflet.priv import podroot, proctrack, rlimits, statefile, volumes
 from pufflet.priv.netplan import HostPort, NetPlanError
 from pufflet.priv.podnet import NetError, PodNetworks
+from pufflet.priv.podroutes import PodRoutes
 from pufflet.priv.logger import LoggerClient, LoggerError
 from pufflet.priv.proctrack import Exited, ProcessWatcher
 from pufflet.priv.rlimits import Rlimit
@@ -144,7 +145,12 @@ class PodRuntime:
         # Pod networks (priv/podnet.py): set up the node side again now,
         # so that re-adopted pods keep working.
         self.net = net if net is not None else PodNetworks(
-            cfg.state_dir, cfg.pod_network.cidr, cfg.pod_network.egress)
+            cfg.state_dir, cfg.pod_network.cidr, cfg.pod_network.egress,
+            no_nat=[c for c in cfg.pod_routes if ":" not in c])
+        # Routes to other nodes' pods ('pod routes'): removed here when
+        # the configuration no longer asks for them.
+        self.routes = PodRoutes(cfg.state_dir, cfg.pod_routes, self.net.backend,
+                                lambda: self.net.cidr(None))
         self.procs: dict[int, _Proc] = {}
         self._subscribers: list[deque] = []
         # Called when an event is queued: the Supervisor wakes parked streams.
@@ -287,7 +293,8 @@ class PodRuntime:
                 "StartContainer": self.start_container,
                 "SignalContainer": self.signal_container, "RemovePod": self.remove_pod,
                 "ListPods": self.list_pods, "WatchContainers": self.watch_containers,
-                "StartExec": self.start_exec, "SignalExec": self.signal_exec}
+                "StartExec": self.start_exec, "SignalExec": self.signal_exec,
+                "SetPodRoutes": self.routes.set_pod_routes}
 
     def create_pod(self, body: dict, fds: list[int]) -> dict:
         pod_uid = body["pod_uid"]

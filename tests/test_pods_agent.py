@@ -527,7 +527,7 @@ def test_a_new_agent_probes_and_stops_adopted_containers_as_started(admin, manag
     t0 = time.monotonic()
     manager()
     assert wait_until(lambda: get(admin, "adopted2") is None, 5), "not stopped by SIGUSR1"
-    time.sleep(max(0.0, 2.5 - (time.monotonic() - t0)))     # probe periods, new agent
+    time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))     # probe periods, new agent
     p = wait_pod(admin, "adopted", lambda p: cond(p, "Ready") == "True")
     assert cstatus(p, "main")["ready"] and cstatus(p, "main")["restartCount"] == 0
     assert not [e for e in events(admin, "adopted") if e[1] == "Unhealthy"]
@@ -551,7 +551,7 @@ def test_a_finished_pod_is_not_run_again_by_a_new_agent(admin, manager, parent):
     admin.patch_namespaced_pod_status("evicted", "default", {"status": {
         "phase": "Failed", "reason": "Evicted", "message": "gone"}})
     manager()
-    time.sleep(1.5)         # a few syncs (resync is 1 s here)
+    time.sleep(1.0)         # a sync at once, another at the resync (1 s here)
     assert parent.pods.pods == {}, "a finished pod was started again"
     assert get(admin, "done")["status"]["phase"] == "Succeeded"
     p = get(admin, "evicted")
@@ -667,7 +667,7 @@ def test_empty_dir_over_its_size_limit_evicts_the_pod(admin, manager, parent, mo
     (static_uid,) = [u for u, h in parent.pods.pods.items() if h["name"] == f"critical-{NODE}"]
     done = Path(parent.pods._root(static_uid)) / ".pufflet" / "volumes" / "data" / "done"
     assert wait_until(done.exists, 10)
-    time.sleep(1.0)     # three checks
+    time.sleep(0.7)     # two checks at least
     assert parent.pods.pods[static_uid]["containers"]["main"]["running"]
 
 

@@ -137,7 +137,10 @@ def test_pods_survive_sigkill_of_pufflet(public_tmp):
 
         def watch():
             while watching.is_set():
-                seen.append(ready(pod_json(admin, "web")))
+                try:
+                    seen.append(ready(pod_json(admin, "web")))
+                except Exception:       # noqa: BLE001 - a slow answer; ask again
+                    pass
                 time.sleep(0.05)
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
@@ -179,7 +182,7 @@ def test_pods_survive_sigkill_of_pufflet(public_tmp):
         # Ready never went away, as seen from outside all along.
         watching.clear()
         watcher.join(5)
-        assert seen and not [p for p in seen if not p], "the pod was not Ready for a while"
+        assert len(seen) > 20 and all(seen), "the pod was not Ready for a while"
         assert [c["lastTransitionTime"] for c in after["status"]["conditions"]
                 if c["type"] == "Ready"] == \
             [c["lastTransitionTime"] for c in before["status"]["conditions"]

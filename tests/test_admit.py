@@ -154,6 +154,16 @@ def test_supported_volume_types_narrowed():
     assert admit(pod) is None
 
 
+def test_grpc_probes_are_refused():
+    grpc = {"grpc": {"port": 9090}}
+    reason, message = admit(mkpod([{"name": "c", "livenessProbe": grpc}]))
+    assert reason == "UnsupportedProbe"
+    assert message.startswith("container c: livenessProbe uses grpc")
+    assert admit(mkpod([{"name": "c", "readinessProbe": {"tcpSocket": {"port": 1}},
+                         "livenessProbe": {"httpGet": {"port": 1}},
+                         "startupProbe": {"exec": {"command": ["true"]}}}])) is None
+
+
 def hostpath_pod(path, read_only):
     return mkpod([{"name": "c", "volumeMounts": [{"name": "h", "mountPath": "/h",
                                                   "readOnly": read_only}]}],

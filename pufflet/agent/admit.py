@@ -21,6 +21,10 @@ and pufflet's, for what a kubelet would run but pufflet cannot:
   UnsupportedVolume            volume types, every hostPath (see below),
                                subPath(Expr), mount propagation,
                                volumeDevices
+  UnsupportedProbe             grpc probes (pufflet has exec, httpGet and
+                               tcpSocket; a probe it could not run would
+                               fail forever and, for liveness, restart the
+                               container in a loop)
 
 What is accepted, and what it means here:
 - Every pod runs under its own uid/gid from the configured range, never 0.
@@ -241,6 +245,19 @@ def _host_path(pod: Mapping[str, Any], name: str, hp: Mapping[str, Any],
             "root of its own)")
 
 
+_PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def _probes(pod: Mapping[str, Any]) -> Rejection | None:
+    for c in _containers(pod):
+        for kind in _PROBES:
+            if "grpc" in (c.get(kind) or {}):
+                return ("UnsupportedProbe",
+                        f"container {c.get('name')}: {kind} uses grpc, which pufflet "
+                        "does not support; use exec, httpGet or tcpSocket")
+    return None
+
+
 def _value(q: Any) -> int:
     try:
         return math.ceil(parse_quantity(str(q)))
@@ -349,6 +366,7 @@ def admission_error(pod: Mapping[str, Any], *,
     for check in (lambda: _runtime_class(pod, lookup, runtime_handlers, node_is_dedicated),
                   lambda: _security(pod),
                   lambda: _volumes(pod, supported_volume_types, hostpaths),
+                  lambda: _probes(pod),
                   lambda: _extended(pod, allocatable),
                   lambda: (_node_affinity(pod, node_labels, node_name)
                            if node_labels is not None else None)):

@@ -414,6 +414,30 @@ def test_init_container_failure_fails_pod(admin, manager):
     assert main is None or "waiting" in main["state"]
 
 
+def test_sidecar_init_container(admin, manager):
+    """An init container with restartPolicy Always (a native sidecar): the
+    next init container waits until it has started, it runs beside the app
+    container, and it is restarted when it ends, the app untouched."""
+    manager()
+    sidecar = {"name": "side", "restartPolicy": "Always",
+               "command": ["/bin/sh", "-c", "sleep 0.5; : > /tmp/up; sleep 1.5; exit 1"],
+               "startupProbe": {"exec": {"command": ["/bin/sh", "-c", "test -e /tmp/up"]},
+                                "periodSeconds": 1, "failureThreshold": 30}}
+    create(admin, pod("sidecar", ("main", "exec sleep 60"), restart="Never",
+                      init=[sidecar, ("after", "test -e /tmp/up")]))
+    p = wait_pod(admin, "sidecar", lambda p: p["status"].get("phase") == "Running"
+                 and "running" in (cstatus(p, "main") or {}).get("state", {}))
+    # "after" ran once the sidecar had started, and succeeded
+    after = cstatus(p, "after", "initContainerStatuses")
+    assert after["state"]["terminated"]["exitCode"] == 0
+    p = wait_pod(admin, "sidecar", lambda p: cstatus(
+        p, "side", "initContainerStatuses")["restartCount"] >= 1, timeout=10)
+    assert p["status"]["phase"] == "Running"
+    main = cstatus(p, "main")
+    assert main["restartCount"] == 0 and "running" in main["state"]
+    assert cond(p, "Initialized") == "True"
+
+
 def test_env_from_config_map(admin, manager):
     admin.create_namespaced_config_map("default", {"metadata": {"name": "cm"},
                                                    "data": {"greeting": "hello"}})
@@ -799,11 +823,12 @@ def test_config_map_and_secret_updates_reach_the_pod(admin, manager, cfg, parent
     # Seen by the running container, without a restart.
     assert wait_until(lambda: 'bye two tier="b"' in log_text(cfg, p, "main"), 10), \
         log_text(cfg, p, "main")
-    # Swapped in whole: ..data points at a new directory, the old one is gone.
+    # Swapped in whole: ..data points at a new directory, the old one goes.
     new_data = os.readlink(vol / "cfg" / "..data")
-    assert new_data != old_data and not (vol / "cfg" / old_data).exists()
+    assert new_data != old_data
+    assert wait_until(lambda: not (vol / "cfg" / old_data).exists(), 5)
     assert os.readlink(vol / "cfg" / "greeting") == "..data/greeting"
-    assert "hello two" not in log_text(cfg, p, "main").replace("hello one", "")
+    # (each volume is swapped on its own: "hello two" may be seen between)
     assert cstatus(get(admin, "upd"), "main")["restartCount"] == 0
 
 

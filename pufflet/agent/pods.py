@@ -137,6 +137,7 @@ class CState:
     working_dir: str = "/"
     stop_signal: str = "SIGTERM"
     adopted: bool = False               # env, working_dir, stop_signal not known yet
+    sidecar: bool = False               # an init container with restartPolicy Always
     adopted_image: str = ""             # the digest the parent started it from
 
     @property
@@ -175,6 +176,7 @@ class PodWork:
     kills: list[tuple[str, str, str]] = field(default_factory=list)  # inbox
     lock: threading.Lock = field(default_factory=threading.Lock)
     events_sent: set = field(default_factory=set)
+    initialized: bool = False           # init containers done: app containers may run
     evicted: str | None = None          # why, once the eviction check said so (inbox)
     evicting: bool = False              # acted on: containers killed, Event sent
 
@@ -444,6 +446,9 @@ class PodManager:
             init = any(ic.get("name") == c["name"]
                        for ic in w.pod["spec"].get("initContainers") or ())
             cs = w.containers.setdefault(c["name"], CState(c["name"], init))
+            cs.sidecar = init and any(_is_sidecar(ic) for ic in
+                                      w.pod["spec"].get("initContainers") or ()
+                                      if ic.get("name") == c["name"])
             if cs.current is None or inst.restart_count >= cs.current.restart_count:
                 cs.current = inst
                 cs.waiting = ("", "")
@@ -485,7 +490,8 @@ class PodManager:
         inits = list(spec.get("initContainers") or ())
         all_specs = inits + list(spec["containers"])
         for i, cspec in enumerate(all_specs):
-            w.containers.setdefault(cspec["name"], CState(cspec["name"], i < len(inits)))
+            c = w.containers.setdefault(cspec["name"], CState(cspec["name"], i < len(inits)))
+            c.sidecar = c.init and _is_sidecar(cspec)
         if not self._pull(w, all_specs):
             return
         if w.info is None:
@@ -505,36 +511,66 @@ class PodManager:
         if not self._volumes(w):
             return
         self._act_on_kills(w)
-        # Init containers, in order: each must succeed before the next
-        # starts; one that fails and may not restart fails the pod
-        # (podstatus.finished says so, and the phase follows).
         for cspec in all_specs:
             c = w.containers[cspec["name"]]
             if c.adopted and c.running:
                 self._restore_context(w, c, cspec)
+        if self._run_inits(w, inits):
+            for cspec in spec["containers"]:
+                c = w.containers[cspec["name"]]
+                if c.running:
+                    continue
+                if c.current is not None and (
+                        not podstatus.should_restart(pod, cspec, self._cview(w, c))
+                        or not self._may_restart(w, c)):
+                    continue
+                self._start(w, c, cspec)
+        self._update_probes(w)
+
+    def _run_inits(self, w: PodWork, inits: list[dict]) -> bool:
+        """Init containers, in order: each must succeed before the next
+        starts; one that fails and may not restart fails the pod
+        (podstatus.finished says so, and the phase follows).  A sidecar
+        (restartPolicy Always) need only have started (its startup probe
+        passed) before the next; it runs on beside the app containers and
+        is restarted whenever it ends, without holding them back once the
+        pod is initialized.  True when the app containers may run."""
+        pod = w.pod
         for cspec in inits:
             c = w.containers[cspec["name"]]
+            if c.sidecar:
+                if not c.running and (c.current is None or self._may_restart(w, c)):
+                    self._start(w, c, cspec)
+                if w.initialized or self._sidecar_started(w, c, cspec):
+                    continue
+                return False
+            if w.initialized:
+                continue        # done once; never run again (the kubelet's rule)
             if c.running:
-                return
+                return False
             cur = c.current
             if cur is not None and cur.exit_code == 0 and cur.signal is None \
                     and cur.reason != "StartError":
                 continue
             if cur is not None and not podstatus.should_restart(pod, cspec, self._cview(w, c)):
-                return
+                return False
             if cur is None or self._may_restart(w, c):
                 self._start(w, c, cspec)
-            return
-        for cspec in spec["containers"]:
-            c = w.containers[cspec["name"]]
-            if c.running:
-                continue
-            if c.current is not None and (
-                    not podstatus.should_restart(pod, cspec, self._cview(w, c))
-                    or not self._may_restart(w, c)):
-                continue
-            self._start(w, c, cspec)
-        self._update_probes(w)
+            return False
+        w.initialized = True
+        return True
+
+    def _sidecar_started(self, w: PodWork, c: CState, cspec: dict) -> bool:
+        """Running, and past its startup probe if it has one (its probes
+        are set up here: the next init container waits on them)."""
+        cur = c.current
+        if not c.running or cur is None:
+            return False
+        if cspec.get("startupProbe") is None:
+            return True
+        self.prober.update(w.uid, cspec, cur.container_id, cur.started_at,
+                           c.kill_deadline is None, self._pod_ip(w))
+        return self.prober.result(w.uid, c.name, probes.STARTUP) is True
 
     def _admit(self, pod: dict) -> tuple[str, str] | None:
         """(reason, message) when pufflet cannot honour the pod.  pufflet
@@ -911,7 +947,9 @@ class PodManager:
 
     def _update_probes(self, w: PodWork) -> None:
         host = self._pod_ip(w)
-        for cspec in w.pod["spec"]["containers"]:
+        spec = w.pod["spec"]
+        sidecars = [c for c in spec.get("initContainers") or () if _is_sidecar(c)]
+        for cspec in sidecars + list(spec["containers"]):
             c = w.containers[cspec["name"]]
             cur = c.current
             self.prober.update(w.uid, cspec, cur.container_id if cur else "",
@@ -1211,7 +1249,7 @@ class PodManager:
         ready = started = False
         if cur.running:
             state: Any = podstatus.Running(cur.started_at)
-            if c.init:
+            if c.init and not c.sidecar:
                 started = True
             else:
                 started = self.prober.result(w.uid, c.name, probes.STARTUP) is True
@@ -1240,6 +1278,11 @@ def _evicted_status(st: dict, message: str, previous: dict | None, now: float) -
             "lastTransitionTime": (old or {}).get("lastTransitionTime") or rfc3339(now)}
     st["conditions"] = [c for c in st.get("conditions") or ()
                         if c.get("type") != "DisruptionTarget"] + [cond]
+
+
+def _is_sidecar(cspec: dict) -> bool:
+    """An init container that runs beside the app containers (KEP-753)."""
+    return cspec.get("restartPolicy") == "Always"
 
 
 def _stop_signal(image_signal: str | None) -> str:

@@ -22,14 +22,44 @@ def write_config(tmp: Path, extra: str = "", user: str = "nobody") -> Path:
     return cfg
 
 
-class Daemon:
-    """pufflet -d in a subprocess; stderr is collected line by line."""
+# Plays init for the daemon under it: a subreaper (prctl(2)
+# PR_SET_CHILD_SUBREAPER) that reaps whatever is orphaned below it, as
+# init does on a real machine (this machine's pid 1 reaps nothing, so a
+# container outliving a killed pufflet would stay a zombie).  It prints
+# pufflet's pid, and exits once nothing is left below it.
+_REAPER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+print(pid, flush=True)
+signal.signal(signal.SIGTERM, lambda *a: os.kill(pid, signal.SIGTERM))
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        sys.exit(0)
+    except InterruptedError:
+        pass
+"""
 
-    def __init__(self, cfg: Path, *flags: str) -> None:
+
+class Daemon:
+    """pufflet -d in a subprocess; stderr is collected line by line.
+    subreaper: run it below a reaper that plays init (see _REAPER); pid
+    is still pufflet's."""
+
+    def __init__(self, cfg: Path, *flags: str, subreaper: bool = False) -> None:
+        argv = [sys.executable, "-m", "pufflet", "-d", *flags, "-f", str(cfg)]
+        if subreaper:
+            argv = [sys.executable, "-c", _REAPER, *argv]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pufflet", "-d", *flags, "-f", str(cfg)],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            argv, cwd=REPO, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if subreaper else subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True)
+        self._pid = int(self.proc.stdout.readline()) if subreaper else self.proc.pid
+        self.reaper = self.proc.pid if subreaper else None
         self.lines: list[str] = []
         self._cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -42,7 +72,7 @@ class Daemon:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self._pid
 
     def wait_for(self, pattern: str, timeout: float = 10.0, after: int = 0) -> re.Match:
         """First log line matching pattern at index >= after."""
@@ -67,6 +97,16 @@ class Daemon:
         return children(self.pid)
 
     def stop(self) -> int:
+        if self.reaper is not None:
+            # pufflet goes; what it leaves running (the logger, pods) is
+            # init's again, as after a real stop.
+            try:
+                os.kill(self._pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            wait_until(lambda: not alive(self._pid), 10)
+            self.proc.kill()
+            return self.proc.wait()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

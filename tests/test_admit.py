@@ -52,9 +52,7 @@ def sc(**ctx):
                    {"name": "d", "downwardAPI": {"items": []}},
                    {"name": "p", "projected": {"sources": [
                        {"serviceAccountToken": {"path": "t"}}, {"configMap": {"name": "kube-root-ca.crt"}},
-                       {"downwardAPI": {}}, {"secret": {"name": "s"}}]}},
-                   {"name": "h", "hostPath": {"path": "/srv/data/x", "type": "Directory"}},
-                   {"name": "h2", "hostPath": {"path": "/var/run/app"}}]),
+                       {"downwardAPI": {}}, {"secret": {"name": "s"}}]}}]),
     mkpod([{"name": "c", "volumeMounts": [{"name": "e", "mountPath": "/e", "readOnly": True,
                                            "mountPropagation": "None"}]}],
           volumes=[{"name": "e", "emptyDir": {}}]),
@@ -150,10 +148,41 @@ def test_extended_resource_the_node_has():
 
 
 def test_supported_volume_types_narrowed():
-    pod = mkpod(volumes=[{"name": "h", "hostPath": {"path": "/srv/data"}}])
+    pod = mkpod(volumes=[{"name": "s", "secret": {"secretName": "x"}}])
     got = admit(pod, supported_volume_types={"emptyDir", "configMap"})
-    assert got[0] == "UnsupportedVolume" and "hostPath volumes are not supported" in got[1]
-    assert admit(pod, hostpaths=())[0] == "UnsupportedVolume"
+    assert got[0] == "UnsupportedVolume" and "secret volumes are not supported" in got[1]
+    assert admit(pod) is None
+
+
+def test_grpc_probes_are_refused():
+    grpc = {"grpc": {"port": 9090}}
+    reason, message = admit(mkpod([{"name": "c", "livenessProbe": grpc}]))
+    assert reason == "UnsupportedProbe"
+    assert message.startswith("container c: livenessProbe uses grpc")
+    assert admit(mkpod([{"name": "c", "readinessProbe": {"tcpSocket": {"port": 1}},
+                         "livenessProbe": {"httpGet": {"port": 1}},
+                         "startupProbe": {"exec": {"command": ["true"]}}}])) is None
+
+
+def hostpath_pod(path, read_only):
+    return mkpod([{"name": "c", "volumeMounts": [{"name": "h", "mountPath": "/h",
+                                                  "readOnly": read_only}]}],
+                 volumes=[{"name": "h", "hostPath": {"path": path}}])
+
+
+@pytest.mark.parametrize("path,read_only,fragment", [
+    # the rules of pufflet.conf first, so that the author fixes the right thing
+    ("/etc", True, "hostPath /etc is not under a prefix this node allows"),
+    ("/srv/data/x", False, "mounted read-write at /h, but pufflet.conf allows /srv/data "
+                           "read-only"),
+    # allowed (read-only, or under a read-write prefix): still no bind mounts
+    ("/srv/data/x", True, "hostPath /srv/data/x cannot be given to a pod on this node: it "
+                          "needs a bind mount"),
+    ("/var/run/app/s", False, "hostPath /var/run/app/s cannot be given"),
+])
+def test_every_hostpath_is_refused_saying_why(path, read_only, fragment):
+    reason, message = admit(hostpath_pod(path, read_only))
+    assert reason == "UnsupportedVolume" and fragment in message, message
 
 
 LABELS = {"kubernetes.io/os": "openbsd", "zone": "a", "cores": "8"}

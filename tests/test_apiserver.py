@@ -151,6 +151,18 @@ def test_generate_name_and_invalid_name(core, ns):
     assert e.value.status == 422 and _status(e.value)["reason"] == "Invalid"
 
 
+def test_secret_string_data_is_merged_on_every_write(core, ns):
+    core.create_namespaced_secret(ns, {"metadata": {"name": "sd"},
+                                       "data": {"a": base64.b64encode(b"1").decode()},
+                                       "stringData": {"b": "2"}})
+    s = core.patch_namespaced_secret("sd", ns, {"stringData": {"a": "3"}})
+    assert {k: base64.b64decode(v) for k, v in s.data.items()} == {"a": b"3", "b": b"2"}
+    assert s.string_data is None
+    s.string_data = {"c": "4"}
+    s = core.replace_namespaced_secret("sd", ns, s)
+    assert sorted(s.data) == ["a", "b", "c"] and s.string_data is None
+
+
 def test_missing_namespace_is_404(core):
     with pytest.raises(ApiException) as e:
         core.create_namespaced_config_map("nope", {"metadata": {"name": "x"}})

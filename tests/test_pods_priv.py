@@ -314,6 +314,36 @@ def test_container_runs_as_pod_uid_and_cannot_write_image(env):
     assert os.readlink(f"/proc/{st2['pid']}/root") == str(env.root(POD_A))
 
 
+def test_a_pod_cannot_reach_another_pods_root_or_processes(env):
+    """Escape attempts through the real spawn path: pod A's container,
+    as A's uid in A's root, goes for pod B's."""
+    p = env.priv()
+    create(p, env)
+    create(p, env, pod=POD_B, name="other")
+    ev = Events(p)
+    victim = start(p, env, ["sh", "-c", "echo b-secret > /tmp/secret; sleep 60"], pod=POD_B)
+    secret = env.root(POD_B) / "tmp" / "secret"
+    wait_for(secret.exists)
+    b_root = str(env.root(POD_B))
+    # Every attempt prints its outcome; the shell goes on after a failure.
+    script = (f'kill -9 {victim["pid"]} 2>/dev/null; echo "kill $?"; '
+              f'kill -0 {victim["pid"]} 2>/dev/null; echo "probe $?"; '
+              f'cat {b_root}/tmp/secret 2>/dev/null; echo "host path $?"; '
+              f'cat ../../../../{b_root}/tmp/secret 2>/dev/null; echo "dotdot $?"; '
+              f'cat /proc/{victim["pid"]}/root/tmp/secret 2>/dev/null; echo "proc $?"; '
+              'echo x 2>/dev/null >> /bin/cat; echo "image $?"')
+    st = start(p, env, ["sh", "-c", script], name="attacker")
+    assert ev.wait(container_id=st["container_id"])["exit_code"] == 0
+    log = env.log_file(POD_A, "default", "web", "attacker")
+    wait_for(lambda: log.exists() and "image" in log.read_text())
+    out = [line.split(" ", 3)[3] for line in log.read_text().splitlines()]
+    assert out == ["kill 1", "probe 1", "host path 1", "dotdot 1", "proc 1", "image 2"], out
+    assert "b-secret" not in log.read_text()
+    # B's process lives on, its secret untouched.
+    assert os.waitpid(victim["pid"], os.WNOHANG) == (0, 0)
+    assert secret.read_text() == "b-secret\n"
+
+
 def test_signal_container(env):
     p = env.priv()
     create(p, env)
@@ -483,6 +513,32 @@ def test_exec_pipes_and_tty(env):
     with pytest.raises(Status) as e:
         p.call("StartExec", {"pod_uid": POD_A, "name": "nope", "argv": ["sh"],
                              "env": PATH, "working_dir": "/", "tty": False})
+    assert e.value.code == "NOT_FOUND"
+
+
+def test_signal_exec_kills_its_process_group(env):
+    p = env.priv()
+    create(p, env)
+    ev = Events(p)
+    start(p, env, ["sleep", "30"])
+    # The exec's shell starts a child and waits: both must go.
+    r = p.call("StartExec", {"pod_uid": POD_A, "name": "c", "argv": [
+        "sh", "-c", "sleep 30 & echo $!; wait"], "env": PATH, "working_dir": "/",
+        "tty": False})
+    child = int(_read_until(r.fds[1], b"\n"))
+    for fd in r.fds:
+        os.close(fd)
+    exec_id = r.body["exec_id"]
+    for bad in ({"pod_uid": POD_B, "exec_id": exec_id}, {"pod_uid": POD_A, "exec_id": "0" * 32}):
+        with pytest.raises(Status) as e:
+            p.call("SignalExec", {**bad, "signal": "SIGKILL"})
+        assert e.value.code == "NOT_FOUND"
+    p.call("SignalExec", {"pod_uid": POD_A, "exec_id": exec_id, "signal": "SIGKILL"})
+    assert ev.wait(exec_id=exec_id)["signal"] == 9
+    wait_for(lambda: not os.path.exists(f"/proc/{child}")
+             or Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    with pytest.raises(Status) as e:
+        p.call("SignalExec", {"pod_uid": POD_A, "exec_id": exec_id, "signal": "SIGKILL"})
     assert e.value.code == "NOT_FOUND"
 
 

@@ -18,9 +18,13 @@ and pufflet's, for what a kubelet would run but pufflet cannot:
   UnsupportedHostNamespace     hostIPC, hostPID, windows hostProcess
   UnsupportedSecurityContext   privileged, capabilities.add, runAsUser 0,
                                containers asking for different users
-  UnsupportedVolume            volume types, hostPath outside the allowed
-                               prefixes, subPath(Expr), mount propagation,
+  UnsupportedVolume            volume types, every hostPath (see below),
+                               subPath(Expr), mount propagation,
                                volumeDevices
+  UnsupportedProbe             grpc probes (pufflet has exec, httpGet and
+                               tcpSocket; a probe it could not run would
+                               fail forever and, for liveness, restart the
+                               container in a loop)
 
 What is accepted, and what it means here:
 - Every pod runs under its own uid/gid from the configured range, never 0.
@@ -41,6 +45,13 @@ What is accepted, and what it means here:
 - hostNetwork: accepted.  shareProcessNamespace: accepted (one uid).
 - Ephemeral containers: ignored.
 - emptyDir of medium Memory is disk-backed here.
+- hostPath: refused, always.  A pod runs in a root of its own, and the
+  only ways to show a host directory inside it are a bind mount or
+  nullfs, which OpenBSD does not have (mount(2)); copies or hard links
+  would not be the host's directory.  The message still says what
+  pufflet.conf's hostpath rules make of the path (not allowed, allowed
+  read-only but mounted writable) so that the author fixes the right
+  thing first.
 """
 
 from __future__ import annotations
@@ -59,7 +70,7 @@ __all__ = ["admission_error", "rejection_status", "hostpath_rule",
 Lookup = Callable[[str, str, str], "Mapping[str, Any] | None"]
 
 SUPPORTED_VOLUMES = frozenset({"emptyDir", "configMap", "secret", "downwardAPI",
-                               "projected", "hostPath"})
+                               "projected"})
 SUPPORTED_PROJECTIONS = frozenset({"serviceAccountToken", "configMap", "secret",
                                    "downwardAPI"})
 # What a pufflet node has; requests of anything else cannot be met.
@@ -175,6 +186,8 @@ def _volumes(pod: Mapping[str, Any], supported: Iterable[str],
         name = v.get("name")
         kinds = [k for k in v if k != "name"]
         kind = kinds[0] if kinds else "?"
+        if kind == "hostPath":
+            return _host_path(pod, name, v["hostPath"] or {}, hostpaths)
         if kind not in supported:
             return ("UnsupportedVolume",
                     f"volume {name}: {kind} volumes are not supported; this node has "
@@ -189,17 +202,6 @@ def _volumes(pod: Mapping[str, Any], supported: Iterable[str],
                     if sk not in SUPPORTED_PROJECTIONS:
                         return ("UnsupportedVolume",
                                 f"volume {name}: projected {sk} sources are not supported")
-        if kind == "hostPath":
-            hp = v["hostPath"] or {}
-            path = str(hp.get("path") or "")
-            htype = hp.get("type") or ""
-            if htype not in _HOSTPATH_TYPES:
-                return ("UnsupportedVolume",
-                        f"volume {name}: hostPath type {htype} is not supported")
-            if ".." in path.split("/") or hostpath_rule(path, hostpaths) is None:
-                return ("UnsupportedVolume",
-                        f"volume {name}: hostPath {path} is not under a prefix this "
-                        "node allows (pufflet.conf hostpath)")
     for c in _containers(pod):
         cname = c.get("name")
         if c.get("volumeDevices"):
@@ -213,6 +215,46 @@ def _volumes(pod: Mapping[str, Any], supported: Iterable[str],
             if prop != "None":
                 return ("UnsupportedVolume",
                         f"container {cname}: mountPropagation {prop} is not supported")
+    return None
+
+
+def _host_path(pod: Mapping[str, Any], name: str, hp: Mapping[str, Any],
+               hostpaths: Sequence[HostPath]) -> Rejection:
+    """Every hostPath volume is refused (see the module's doc); the
+    message says first what pufflet.conf would say of it."""
+    path = str(hp.get("path") or "")
+    htype = hp.get("type") or ""
+    if htype not in _HOSTPATH_TYPES:
+        return ("UnsupportedVolume",
+                f"volume {name}: hostPath type {htype} is not supported")
+    rule = None if ".." in path.split("/") else hostpath_rule(path, hostpaths)
+    if rule is None:
+        return ("UnsupportedVolume",
+                f"volume {name}: hostPath {path} is not under a prefix this "
+                "node allows (pufflet.conf hostpath)")
+    writers = [m.get("mountPath") for c in _containers(pod)
+               for m in c.get("volumeMounts") or ()
+               if m.get("name") == name and not m.get("readOnly")]
+    if writers and not rule.writable:
+        return ("UnsupportedVolume",
+                f"volume {name}: hostPath {path} is mounted read-write at {writers[0]}, "
+                f"but pufflet.conf allows {rule.prefix} read-only")
+    return ("UnsupportedVolume",
+            f"volume {name}: hostPath {path} cannot be given to a pod on this node: "
+            "it needs a bind mount, which OpenBSD does not have (each pod runs in a "
+            "root of its own)")
+
+
+_PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def _probes(pod: Mapping[str, Any]) -> Rejection | None:
+    for c in _containers(pod):
+        for kind in _PROBES:
+            if "grpc" in (c.get(kind) or {}):
+                return ("UnsupportedProbe",
+                        f"container {c.get('name')}: {kind} uses grpc, which pufflet "
+                        "does not support; use exec, httpGet or tcpSocket")
     return None
 
 
@@ -324,6 +366,7 @@ def admission_error(pod: Mapping[str, Any], *,
     for check in (lambda: _runtime_class(pod, lookup, runtime_handlers, node_is_dedicated),
                   lambda: _security(pod),
                   lambda: _volumes(pod, supported_volume_types, hostpaths),
+                  lambda: _probes(pod),
                   lambda: _extended(pod, allocatable),
                   lambda: (_node_affinity(pod, node_labels, node_name)
                            if node_labels is not None else None)):

@@ -77,7 +77,16 @@ BACKOFF_RESET = 600.0
 # How long to wait for the processes after SIGKILL before giving up on
 # them (RemovePod kills what is left anyway).
 KILL_WAIT = 5.0
+# How often emptyDir usage is held against sizeLimit: the kubelet's
+# eviction manager looks every 10 s (the parent measures a volume at most
+# once a minute, priv/stats.DU_TTL, as the kubelet's volume stats do).
+EVICTION_INTERVAL = 10.0
+# system-cluster-critical and above: like static pods, never evicted.
+CRITICAL_PRIORITY = 2_000_000_000
 TOKEN_DEFAULT_TTL = 3600
+# Exits kept for pods without a worker yet: per pod, and pods.
+MAX_PENDING_EXITS = 64
+MAX_PENDING_PODS = 1000
 # Services are listed again after this long (the kubelet watches them).
 SERVICES_TTL = 30.0
 # ConfigMaps and Secrets read for one pod serve the others of its
@@ -135,6 +144,9 @@ class CState:
     env: list[str] = field(default_factory=list)
     working_dir: str = "/"
     stop_signal: str = "SIGTERM"
+    adopted: bool = False               # env, working_dir, stop_signal not known yet
+    sidecar: bool = False               # an init container with restartPolicy Always
+    adopted_image: str = ""             # the digest the parent started it from
 
     @property
     def running(self) -> bool:
@@ -172,6 +184,9 @@ class PodWork:
     kills: list[tuple[str, str, str]] = field(default_factory=list)  # inbox
     lock: threading.Lock = field(default_factory=threading.Lock)
     events_sent: set = field(default_factory=set)
+    initialized: bool = False           # init containers done: app containers may run
+    evicted: str | None = None          # why, once the eviction check said so (inbox)
+    evicting: bool = False              # acted on: containers killed, Event sent
 
 
 class PodManager:
@@ -184,7 +199,8 @@ class PodManager:
                  stop: threading.Event | None = None,
                  resync: float = RESYNC, backoff_base: float = BACKOFF_BASE,
                  backoff_max: float = BACKOFF_MAX, static_interval: float | None = None,
-                 workers: int = 8, node_os: str | None = None) -> None:
+                 workers: int = 8, node_os: str | None = None,
+                 eviction_interval: float = EVICTION_INTERVAL) -> None:
         self.cfg = cfg
         self.node = cfg.node_name
         self.runtime = runtime
@@ -202,8 +218,10 @@ class PodManager:
         self.resync = resync
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.eviction_interval = eviction_interval
         self.recorder = ev.Recorder(self.core, self.node, self.stop)
-        self.prober = probes.Prober(self._exec, self._probe_result)
+        self.prober = probes.Prober(self._exec, self._probe_result,
+                                    on_failure=self._probe_failed)
         self.queue = WorkQueue(self._sync_key, workers=workers)
         # Volume reads that overlap CreatePod (see _run): a small pool for
         # every pod, as the queue's.
@@ -218,6 +236,9 @@ class PodManager:
                                                if static_interval else {})) \
             if cfg.static_pod_dir else None
         self._adopted: dict[str, dict] = {}     # the parent's pods at start
+        # Exits of pods that have no worker yet (adopted ones, until their
+        # source has spoken), applied when the worker is made.
+        self._pending_exits: dict[str, list[Exit]] = {}
         self._errors: dict[str, str] = {}
         # (kind, namespace, name) -> (monotonic time read, object); see _Lookups
         self._objects: dict[tuple[str, str, str], tuple[float, dict]] = {}
@@ -228,16 +249,19 @@ class PodManager:
     def start(self) -> None:
         runtime_exit = self.runtime.on_exit
         self.runtime.on_exit = self._exit if runtime_exit is None else runtime_exit
+        # Exits first, then what runs: an exit after ListPods's answer is
+        # then on the stream (and kept until the pod's worker exists).
+        self.runtime.start()
         self._adopt()
         self.recorder.start()
         self.prober.start()
         self.queue.start()
-        self.runtime.start()
         if self.static is not None:
             self.static.start()
         if self.informer is not None:
             self.informer.start()
         threading.Thread(target=self._sweep_orphans, name="pod-orphans", daemon=True).start()
+        threading.Thread(target=self._watch_volumes, name="pod-evictions", daemon=True).start()
 
     def close(self) -> None:
         self.stop.set()
@@ -262,6 +286,10 @@ class PodManager:
             self._adopted[p["pod_uid"]] = p
         if pods:
             log.info("the parent holds %d pods; adopting them", len(pods))
+
+    def _sources_synced(self) -> bool:
+        return all(src.synced.is_set() for src in (self.informer, self.static)
+                   if src is not None)
 
     def _sweep_orphans(self) -> None:
         """Once every source has spoken, remove the pods the parent holds
@@ -307,6 +335,11 @@ class PodManager:
     def _exit(self, ex: Exit) -> None:
         with self.lock:
             w = self.works.get(ex.pod_uid)
+            if w is None:
+                pending = self._pending_exits.setdefault(ex.pod_uid, [])
+                pending[:] = pending[-(MAX_PENDING_EXITS - 1):] + [ex]
+                while len(self._pending_exits) > MAX_PENDING_PODS:
+                    del self._pending_exits[next(iter(self._pending_exits))]
         if w is not None:
             with w.lock:
                 w.exits.append(ex)
@@ -318,14 +351,19 @@ class PodManager:
         if w is None:
             return
         if not ok:
-            what = {"liveness": "Liveness", "readiness": "Readiness",
-                    "startup": "Startup"}[kind]
-            self.recorder.event(w.pod, ev.WARNING, "Unhealthy",
-                                f"{what} probe failed: {msg}", name)
             if kind in (probes.LIVENESS, probes.STARTUP):
                 with w.lock:
                     w.kills.append((name, kind, msg))
         self.queue.add(uid)
+
+    def _probe_failed(self, uid: str, name: str, kind: str, msg: str) -> None:
+        """Every failed attempt is an Unhealthy event (counted by the
+        recorder when it repeats), as the kubelet's prober records one."""
+        with self.lock:
+            w = self.works.get(uid)
+        if w is not None:
+            self.recorder.event(w.pod, ev.WARNING, "Unhealthy",
+                                f"{kind.capitalize()} probe failed: {msg}", name)
 
     def _exec(self, uid: str, name: str, argv: list[str], timeout: float):
         with self.lock:
@@ -364,16 +402,29 @@ class PodManager:
         if w is None:
             adopted = self._adopted.pop(uid, None)
             if desired is None:
+                if adopted is not None and not self._sources_synced():
+                    # Queued by an exit before the sources have spoken: not
+                    # known to be unwanted yet (_sweep_orphans asks again).
+                    self._adopted[uid] = adopted
+                    if self._sources_synced():
+                        self.queue.add(uid)     # they just did: the sweep may have passed
+                    return
                 if adopted is not None:
                     log.info("pod %s/%s (%s) is no longer wanted: removing it",
                              adopted["namespace"], adopted["name"], uid)
                     self.runtime.remove_pod(uid)
                 return
             w = PodWork(uid, desired, static)
+            # A terminal phase is never left (the kubelet's rule too): a pod
+            # that finished before this agent started is not run again.
+            api_phase = (desired.get("status") or {}).get("phase")
+            if not static and api_phase in (SUCCEEDED, FAILED):
+                w.phase = api_phase
             if adopted is not None:
                 self._take_over(w, adopted)
             with self.lock:
                 self.works[uid] = w
+                w.exits.extend(self._pending_exits.pop(uid, ()))
         if w.terminated:
             # Stopped and deleted; forgotten once its source forgets it.
             if desired is None:
@@ -388,7 +439,11 @@ class PodManager:
         if w.gone or w.pod["metadata"].get("deletionTimestamp"):
             self._terminate(w)
             return
-        if w.phase in (SUCCEEDED, FAILED):
+        with w.lock:
+            evicted = w.evicted
+        if evicted is not None and not w.evicting:
+            self._evict(w, evicted)
+        if w.evicting or w.phase in (SUCCEEDED, FAILED):
             self._finish(w)
             self._report(w)
             return
@@ -406,9 +461,14 @@ class PodManager:
             init = any(ic.get("name") == c["name"]
                        for ic in w.pod["spec"].get("initContainers") or ())
             cs = w.containers.setdefault(c["name"], CState(c["name"], init))
+            cs.sidecar = init and any(_is_sidecar(ic) for ic in
+                                      w.pod["spec"].get("initContainers") or ()
+                                      if ic.get("name") == c["name"])
             if cs.current is None or inst.restart_count >= cs.current.restart_count:
                 cs.current = inst
                 cs.waiting = ("", "")
+                cs.adopted = True
+                cs.adopted_image = c.get("image") or ""
         w.admitted = True
 
     def _drain(self, w: PodWork) -> None:
@@ -445,7 +505,8 @@ class PodManager:
         inits = list(spec.get("initContainers") or ())
         all_specs = inits + list(spec["containers"])
         for i, cspec in enumerate(all_specs):
-            w.containers.setdefault(cspec["name"], CState(cspec["name"], i < len(inits)))
+            c = w.containers.setdefault(cspec["name"], CState(cspec["name"], i < len(inits)))
+            c.sidecar = c.init and _is_sidecar(cspec)
         if not self._pull(w, all_specs):
             return
         if w.info is None:
@@ -480,32 +541,66 @@ class PodManager:
         if not self._volumes(w):
             return
         self._act_on_kills(w)
-        # Init containers, in order: each must succeed before the next
-        # starts; one that fails and may not restart fails the pod
-        # (podstatus.finished says so, and the phase follows).
+        for cspec in all_specs:
+            c = w.containers[cspec["name"]]
+            if c.adopted and c.running:
+                self._restore_context(w, c, cspec)
+        if self._run_inits(w, inits):
+            for cspec in spec["containers"]:
+                c = w.containers[cspec["name"]]
+                if c.running:
+                    continue
+                if c.current is not None and (
+                        not podstatus.should_restart(pod, cspec, self._cview(w, c))
+                        or not self._may_restart(w, c)):
+                    continue
+                self._start(w, c, cspec)
+        self._update_probes(w)
+
+    def _run_inits(self, w: PodWork, inits: list[dict]) -> bool:
+        """Init containers, in order: each must succeed before the next
+        starts; one that fails and may not restart fails the pod
+        (podstatus.finished says so, and the phase follows).  A sidecar
+        (restartPolicy Always) need only have started (its startup probe
+        passed) before the next; it runs on beside the app containers and
+        is restarted whenever it ends, without holding them back once the
+        pod is initialized.  True when the app containers may run."""
+        pod = w.pod
         for cspec in inits:
             c = w.containers[cspec["name"]]
+            if c.sidecar:
+                if not c.running and (c.current is None or self._may_restart(w, c)):
+                    self._start(w, c, cspec)
+                if w.initialized or self._sidecar_started(w, c, cspec):
+                    continue
+                return False
+            if w.initialized:
+                continue        # done once; never run again (the kubelet's rule)
             if c.running:
-                return
+                return False
             cur = c.current
             if cur is not None and cur.exit_code == 0 and cur.signal is None \
                     and cur.reason != "StartError":
                 continue
             if cur is not None and not podstatus.should_restart(pod, cspec, self._cview(w, c)):
-                return
+                return False
             if cur is None or self._may_restart(w, c):
                 self._start(w, c, cspec)
-            return
-        for cspec in spec["containers"]:
-            c = w.containers[cspec["name"]]
-            if c.running:
-                continue
-            if c.current is not None and (
-                    not podstatus.should_restart(pod, cspec, self._cview(w, c))
-                    or not self._may_restart(w, c)):
-                continue
-            self._start(w, c, cspec)
-        self._update_probes(w)
+            return False
+        w.initialized = True
+        return True
+
+    def _sidecar_started(self, w: PodWork, c: CState, cspec: dict) -> bool:
+        """Running, and past its startup probe if it has one (its probes
+        are set up here: the next init container waits on them)."""
+        cur = c.current
+        if not c.running or cur is None:
+            return False
+        if cspec.get("startupProbe") is None:
+            return True
+        self.prober.update(w.uid, cspec, cur.container_id, cur.started_at,
+                           c.kill_deadline is None, self._pod_ip(w))
+        return self.prober.result(w.uid, c.name, probes.STARTUP) is True
 
     def _admit(self, pod: dict) -> tuple[str, str] | None:
         """(reason, message) when pufflet cannot honour the pod.  pufflet
@@ -776,16 +871,40 @@ class PodManager:
         c.backoff_until = 0.0
         return True
 
+    def _container_env(self, w: PodWork, cspec: dict, image_cfg) -> envvars.ContainerEnv:
+        pod = w.pod
+        return envvars.container_env(
+            pod, cspec, lookup=_Lookups(self, pod) if self.core is not None else None,
+            services=self._services(), host_ip=[self._host_ip()],
+            pod_ips=[self._pod_ip(w)],
+            image_env=image_cfg.env, hostname=pod_hostname(pod),
+            allocatable=self.allocatable())
+
+    def _restore_context(self, w: PodWork, c: CState, cspec: dict) -> None:
+        """A container this agent took over: its env, working directory and
+        stop signal, computed again as its start did (exec probes and hooks
+        run with them, deletion sends the signal).  On failure the
+        defaults stay, and the next sync tries again."""
+        digest = c.digest or c.adopted_image
+        if not digest:
+            return
+        try:
+            image_cfg = self.runtime.image_config({"digest": digest})
+            made = self._container_env(w, cspec, image_cfg)
+        except (envvars.EnvError, k8s.ApiException, Status, OSError, ValueError) as e:
+            log.info("pod %s: container %s: its env cannot be computed again: %s",
+                     self._name(w.uid), c.name, e)
+            return
+        c.env = made.env
+        c.working_dir = cspec.get("workingDir") or image_cfg.working_dir or "/"
+        c.stop_signal = _stop_signal(image_cfg.stop_signal)
+        c.adopted = False
+
     def _start(self, w: PodWork, c: CState, cspec: dict) -> None:
         pod = w.pod
         image_cfg = self.runtime.image_config({"digest": c.digest})
         try:
-            made = envvars.container_env(
-                pod, cspec, lookup=_Lookups(self, pod) if self.core is not None else None,
-                services=self._services(), host_ip=[self._host_ip()],
-                pod_ips=[self._pod_ip(w)],
-                image_env=image_cfg.env, hostname=pod_hostname(pod),
-                allocatable=self.allocatable())
+            made = self._container_env(w, cspec, image_cfg)
             argv = expand.command_args(cspec, image_cfg, made.variables)
         except (envvars.EnvError, expand.NoCommandError, k8s.ApiException) as e:
             # The kubelet's CreateContainerConfigError / CreateContainerError:
@@ -801,10 +920,8 @@ class PodManager:
         env_list = made.env
         c.env = env_list
         c.working_dir = cspec.get("workingDir") or image_cfg.working_dir or "/"
-        sig = (image_cfg.stop_signal or "SIGTERM").upper()
-        if not sig.startswith("SIG"):
-            sig = "SIG" + sig
-        c.stop_signal = sig if sig in _SIGNALS else "SIGTERM"
+        c.stop_signal = _stop_signal(image_cfg.stop_signal)
+        c.adopted = False
         restarts = 0 if c.current is None else c.current.restart_count + 1
         req = {"pod_uid": w.uid, "name": c.name, "restart_count": restarts,
                "image": c.digest, "argv": argv, "env": env_list,
@@ -835,7 +952,8 @@ class PodManager:
         self.recorder.event(pod, ev.NORMAL, "Started", f"Started container {c.name}", c.name)
         hook = (cspec.get("lifecycle") or {}).get("postStart")
         if hook:
-            out = probes.run_handler(hook, cspec, self._grace(w.pod), w.uid, self._exec)
+            out = probes.run_handler(hook, cspec, self._grace(w.pod), w.uid, self._exec,
+                                     self._pod_ip(w))
             if not out.ok:
                 self.recorder.event(pod, ev.WARNING, "FailedPostStartHook",
                                     f"PostStartHook failed: {out.message}", c.name)
@@ -874,12 +992,15 @@ class PodManager:
                 c.kill_deadline = now + KILL_WAIT
 
     def _update_probes(self, w: PodWork) -> None:
-        for cspec in w.pod["spec"]["containers"]:
+        host = self._pod_ip(w)
+        spec = w.pod["spec"]
+        sidecars = [c for c in spec.get("initContainers") or () if _is_sidecar(c)]
+        for cspec in sidecars + list(spec["containers"]):
             c = w.containers[cspec["name"]]
             cur = c.current
             self.prober.update(w.uid, cspec, cur.container_id if cur else "",
                                cur.started_at if cur else 0.0,
-                               c.running and c.kill_deadline is None)
+                               c.running and c.kill_deadline is None, host)
 
     def _next_wake(self, w: PodWork) -> float:
         now = time.monotonic()
@@ -890,6 +1011,67 @@ class PodManager:
                     wake = min(wake, t - now + 0.01)
         return wake
 
+    # -- evictions -------------------------------------------------------------------
+
+    def _watch_volumes(self) -> None:
+        while not self.stop.wait(self.eviction_interval):
+            try:
+                self._check_volumes()
+            except Exception as e:     # noqa: BLE001 - checked again next time
+                log.warning("checking emptyDir sizes: %s", e)
+
+    def _check_volumes(self) -> None:
+        """The kubelet's emptyDir eviction: a pod whose emptyDir holds more
+        than its sizeLimit is evicted (the sync does it: _evict)."""
+        limits: dict[str, dict[str, tuple[str, float]]] = {}
+        with self.lock:
+            works = list(self.works.values())
+        for w in works:
+            if w.phase in (SUCCEEDED, FAILED) or w.terminating or w.evicted is not None:
+                continue
+            if w.static or (w.pod["spec"].get("priority") or 0) >= CRITICAL_PRIORITY:
+                continue        # critical pods are never evicted (kubelet's IsCriticalPod)
+            for vol in w.pod["spec"].get("volumes") or ():
+                limit = (vol.get("emptyDir") or {}).get("sizeLimit") \
+                    if "emptyDir" in vol else None
+                try:
+                    if limit:
+                        limits.setdefault(w.uid, {})[vol["name"]] = (str(limit),
+                                                                     quantity(limit))
+                except ValueError:
+                    continue
+        if not limits:
+            return
+        for p in self.runtime.stats().get("pods") or ():
+            mine = limits.get(p["pod_uid"])
+            if not mine:
+                continue
+            for v in p.get("volumes") or ():
+                limit = mine.get(v["name"])
+                if limit is None or v["used_bytes"] <= limit[1]:
+                    continue
+                with self.lock:
+                    w = self.works.get(p["pod_uid"])
+                if w is None:
+                    break
+                with w.lock:
+                    w.evicted = (f'Usage of EmptyDir volume "{v["name"]}" exceeds the '
+                                 f'limit "{limit[0]}". ')
+                self.queue.add(w.uid)
+                break
+
+    def _evict(self, w: PodWork, message: str) -> None:
+        """The kubelet's evictPod: an Event, every container killed at
+        once (local storage evictions have no grace), and the pod Failed
+        with reason Evicted; it is not restarted and its object stays."""
+        w.evicting = True
+        log.info("pod %s: evicted: %s", self._name(w.uid), message)
+        self.recorder.event(w.pod, ev.WARNING, "Evicted", message)
+        self.prober.remove_pod(w.uid)
+        for c in w.containers.values():
+            if c.running:
+                self._kill(w, c, "Evicted", f"Stopping container {c.name}", grace=0)
+
     # -- finishing -----------------------------------------------------------------
 
     def _finish(self, w: PodWork) -> None:
@@ -897,10 +1079,16 @@ class PodManager:
         its root goes, its status stays."""
         self.prober.remove_pod(w.uid)
         running = [c for c in w.containers.values() if c.running]
+        now = time.monotonic()
         for c in running:
-            self._kill(w, c, "PodFinished", f"Stopping container {c.name}")
+            if c.kill_deadline is None:     # not being stopped already
+                self._kill(w, c, "PodFinished", f"Stopping container {c.name}")
+            elif now >= c.kill_deadline:    # its grace is over
+                self.runtime.signal(w.uid, c.name, "SIGKILL")
+                c.kill_deadline = now + KILL_WAIT
         if running:
-            self.queue.add_after(w.uid, self._grace(w.pod) + 0.1)
+            due = [c.kill_deadline for c in running if c.kill_deadline is not None]
+            self.queue.add_after(w.uid, max(min(due, default=now + 1.0) - now, 0.0) + 0.1)
             return
         if not w.removed and w.info is not None:
             self.runtime.remove_pod(w.uid)
@@ -919,12 +1107,15 @@ class PodManager:
             running = [c for c in w.containers.values() if c.running]
             for c in running:
                 cspec = _container_spec(pod, c.name) or {}
+                if c.adopted and cspec:
+                    self._restore_context(w, c, cspec)      # its stop signal, its env
                 self.recorder.event(pod, ev.NORMAL, "Killing",
                                     f"Stopping container {c.name}", c.name)
                 hook = (cspec.get("lifecycle") or {}).get("preStop")
                 if hook:
                     left = max(0.0, w.grace_deadline - time.monotonic())
-                    out = probes.run_handler(hook, cspec, left, w.uid, self._exec)
+                    out = probes.run_handler(hook, cspec, left, w.uid, self._exec,
+                                             self._pod_ip(w))
                     if not out.ok:
                         self.recorder.event(pod, ev.WARNING, "FailedPreStopHook",
                                             f"PreStopHook failed: {out.message}", c.name)
@@ -1073,6 +1264,8 @@ class PodManager:
             view = self._view(w)
             st = podstatus.pod_status(w.pod, view, now=now, previous=previous,
                                       host_ip=[ip], pod_ips=[self._pod_ip(w)])
+            if w.evicting:
+                _evicted_status(st, w.evicted or "", previous, now)
         w.phase = st["phase"]
         w.last_status = st
         return st
@@ -1102,7 +1295,7 @@ class PodManager:
         ready = started = False
         if cur.running:
             state: Any = podstatus.Running(cur.started_at)
-            if c.init:
+            if c.init and not c.sidecar:
                 started = True
             else:
                 started = self.prober.result(w.uid, c.name, probes.STARTUP) is True
@@ -1118,6 +1311,33 @@ class PodManager:
         return podstatus.ContainerView(c.name, state, last_state, cur.restart_count,
                                        ready, started, image_id=c.image_id,
                                        container_id=cur.container_id)
+
+
+def _evicted_status(st: dict, message: str, previous: dict | None, now: float) -> None:
+    """What the kubelet's eviction manager sets on an evicted pod: phase
+    Failed, reason Evicted, and the DisruptionTarget condition."""
+    st.update(phase=FAILED, reason="Evicted", message=message)
+    old = next((c for c in (previous or {}).get("conditions") or ()
+                if c.get("type") == "DisruptionTarget"), None)
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+            "message": message,
+            "lastTransitionTime": (old or {}).get("lastTransitionTime") or rfc3339(now)}
+    st["conditions"] = [c for c in st.get("conditions") or ()
+                        if c.get("type") != "DisruptionTarget"] + [cond]
+
+
+def _is_sidecar(cspec: dict) -> bool:
+    """An init container that runs beside the app containers (KEP-753)."""
+    return cspec.get("restartPolicy") == "Always"
+
+
+def _stop_signal(image_signal: str | None) -> str:
+    """The image's StopSignal as SignalContainer names it; SIGTERM when
+    unset or not one pufflet sends."""
+    sig = (image_signal or "SIGTERM").upper()
+    if not sig.startswith("SIG"):
+        sig = "SIG" + sig
+    return sig if sig in _SIGNALS else "SIGTERM"
 
 
 def _exit_state(inst: Instance) -> podstatus.Terminated:

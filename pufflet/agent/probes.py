@@ -17,9 +17,10 @@ anew:
     failure restarts a container once.
 
 Every probe is scheduled on one thread and run on a small pool, never a
-thread per probe.  Hosts: httpGet and tcpSocket go to the pod's IP; until
-pods get their own network that is the node's loopback, 127.0.0.1, which
-is right for host-network pods and the only address there is for now.
+thread per probe.  Hosts: httpGet and tcpSocket go to the pod's IP, as the
+kubelet's do (the agent reaches pod networks from the node's: the node
+side of each pod's link has the gateway address), unless the handler
+names a host; the pod's IP is the node's for pods on the node's network.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
+
+from pufflet.privsep.channel import Status
 
 log = logging.getLogger("pufflet.agent.probes")
 
@@ -130,13 +133,20 @@ ExecFn = Callable[[str, str, list[str], float], tuple[int | None, str]]
 
 
 def run_handler(handler: dict, container: dict, timeout: float, pod_uid: str,
-                exec_fn: ExecFn) -> Outcome:
-    """One probe or hook handler: exec, httpGet or tcpSocket."""
+                exec_fn: ExecFn, pod_host: str = POD_HOST) -> Outcome:
+    """One probe or hook handler: exec, httpGet or tcpSocket (to pod_host,
+    the pod's IP, unless the handler names a host)."""
     if handler.get("exec") is not None:
         argv = list(handler["exec"].get("command") or ())
         if not argv:
             return Outcome(False, "exec handler without a command")
-        code, out = exec_fn(pod_uid, container["name"], argv, timeout)
+        try:
+            code, out = exec_fn(pod_uid, container["name"], argv, timeout)
+        except (Status, OSError) as e:
+            # The container ended meanwhile, or the parent said no: a
+            # failed attempt (the kubelet's "probe errored"), not a crash.
+            return Outcome(False, f"exec {argv[0]!r}: "
+                           f"{e.message if isinstance(e, Status) else e}")
         if code is None:
             return Outcome(False, f"command timed out after {timeout:g}s" +
                            (f": {out}" if out else ""))
@@ -144,9 +154,9 @@ def run_handler(handler: dict, container: dict, timeout: float, pod_uid: str,
             return Outcome(True, out)
         return Outcome(False, f"command {argv!r} exited with {code}: {out}")
     if handler.get("httpGet") is not None:
-        return http_get(handler["httpGet"], container, timeout)
+        return http_get(handler["httpGet"], container, timeout, pod_host)
     if handler.get("tcpSocket") is not None:
-        return tcp_socket(handler["tcpSocket"], container, timeout)
+        return tcp_socket(handler["tcpSocket"], container, timeout, pod_host)
     if handler.get("sleep") is not None:
         time.sleep(min(float(handler["sleep"].get("seconds", 0)), timeout))
         return Outcome(True)
@@ -185,6 +195,7 @@ class _Worker:
     container_id: str
     started_at: float           # wall clock, the container's start
     result: bool | None         # None: no result yet
+    host: str = POD_HOST        # the pod's IP
     streak: int = 0
     last: bool | None = None
     on_hold: bool = False
@@ -197,14 +208,22 @@ class _Worker:
 # on_result(pod uid, container name, kind, result, message): called when a
 # probe's result changes, from a pool thread.
 ResultFn = Callable[[str, str, str, bool, str], None]
+# on_failure(pod uid, container name, kind, message): every failed attempt,
+# below the threshold too (the kubelet's Unhealthy event is per attempt).
+FailureFn = Callable[[str, str, str, str], None]
 
 
 class Prober:
     def __init__(self, exec_fn: ExecFn, on_result: ResultFn, workers: int = 4,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_failure: FailureFn | None = None, scale: float = 1.0) -> None:
+        """scale multiplies periods and initial delays (not timeouts), so
+        that tests can run the kubelet's semantics at a faster pace."""
         self.exec_fn = exec_fn
         self.on_result = on_result
+        self.on_failure = on_failure
         self.clock = clock
+        self.scale = scale
         self._lock = threading.Condition()
         self._workers: dict[tuple[str, str, str], _Worker] = {}
         self._heap: list[tuple[float, int, tuple[str, str, str]]] = []
@@ -226,10 +245,10 @@ class Prober:
     # -- what the manager tells us -------------------------------------------
 
     def update(self, pod_uid: str, container: dict, container_id: str,
-               started_at: float, running: bool) -> None:
+               started_at: float, running: bool, host: str = POD_HOST) -> None:
         """Make the probes of one container match its spec and state: add
         them for a running container, reset them for a new container id,
-        drop them when it is not running."""
+        drop them when it is not running.  host: the pod's IP."""
         name = container["name"]
         for kind, field_name in KINDS.items():
             key = (pod_uid, name, kind)
@@ -243,11 +262,12 @@ class Prober:
                     continue
                 if w is not None and w.container_id == container_id and w.probe == probe:
                     w.container = container
+                    w.host = host
                     continue
                 if w is not None:
                     w.removed = True
                 w = _Worker(pod_uid, container, kind, probe, Settings.of(probe),
-                            container_id, started_at, _initial(kind))
+                            container_id, started_at, _initial(kind), host)
                 self._workers[key] = w
                 self._push(key, self.clock())
 
@@ -292,7 +312,7 @@ class Prober:
         # Called with the lock held.  Not now: initial delay, hold, startup.
         if w.on_hold:
             return True
-        if time.time() - w.started_at < w.settings.initial_delay:
+        if time.time() - w.started_at < w.settings.initial_delay * self.scale:
             return True
         if w.kind != STARTUP:
             s = self._workers.get((w.pod_uid, w.container["name"], STARTUP))
@@ -305,13 +325,16 @@ class Prober:
     def _probe(self, w: _Worker) -> None:
         t0 = self.clock()
         changed: tuple | None = None
+        failed: str | None = None
         try:
             with self._lock:
                 gated = self._gated(w)
             if not gated:
                 out = run_handler(w.probe, w.container, w.settings.timeout, w.pod_uid,
-                                  self.exec_fn)
+                                  self.exec_fn, w.host)
                 with self._lock:
+                    if not w.removed and not out.ok:
+                        failed = out.message
                     changed = self._record(w, out)
         except Exception:       # noqa: BLE001 - a probe bug must not stop probing
             log.exception("probe %s of %s failed to run", w.kind, w.container.get("name"))
@@ -320,7 +343,9 @@ class Prober:
                 w.running = False
                 key = (w.pod_uid, w.container["name"], w.kind)
                 if not w.removed and self._workers.get(key) is w:
-                    self._push(key, t0 + w.settings.period)
+                    self._push(key, t0 + w.settings.period * self.scale)
+        if failed is not None and self.on_failure is not None:
+            self.on_failure(w.pod_uid, w.container["name"], w.kind, failed)
         if changed is not None:
             self.on_result(*changed)
 

@@ -65,13 +65,23 @@ class Runtime:
     # -- the exits stream ----------------------------------------------------
 
     def start(self) -> None:
-        threading.Thread(target=self._watch, name="container-exits", daemon=True).start()
+        """Subscribe now, before the caller asks ListPods: the parent
+        handles requests in order, so every exit after that answer is on
+        the stream.  The stream is read by a thread of its own."""
+        try:
+            first = self.client.stream("WatchContainers", {})
+        except (Status, ConnectionError, OSError) as e:
+            log.warning("watching container exits: %s", e)
+            first = None
+        threading.Thread(target=self._watch, args=(first,), name="container-exits",
+                         daemon=True).start()
 
-    def _watch(self) -> None:
+    def _watch(self, first=None) -> None:
         delay = 0.5
         while not self.stop.is_set():
             try:
-                for reply in self.client.stream("WatchContainers", {}):
+                stream, first = first or self.client.stream("WatchContainers", {}), None
+                for reply in stream:
                     delay = 0.5
                     self._deliver(Exit.of(reply.body))
                     if self.stop.is_set():
@@ -132,6 +142,10 @@ class Runtime:
     def list_pods(self) -> list[dict]:
         return self.client.call("ListPods", {}, timeout=CALL).body["pods"]
 
+    def stats(self) -> dict:
+        """GetStats: what each pod uses, its volumes included."""
+        return self.client.call("GetStats", {}, timeout=CALL).body
+
     # -- exec ------------------------------------------------------------------
 
     def start_exec(self, pod_uid: str, name: str, argv: list[str], env: list[str],
@@ -185,10 +199,25 @@ class Runtime:
         except TimeoutError:
             with self._lock:
                 self._waiters.pop(exec_id, None)
+            # Past its timeout the command is killed, with what it started
+            # (the kubelet's ExecSync does the same): a probe that hangs
+            # every period must not pile up processes in the pod.
+            self.signal_exec(pod_uid, exec_id, "SIGKILL")
             return None, out
         if ex.exit_code is None:
             return 128 + (ex.signal or 0), out
         return ex.exit_code, out
+
+    def signal_exec(self, pod_uid: str, exec_id: str, sig: str) -> bool:
+        """False when the exec had ended already."""
+        try:
+            self.client.call("SignalExec", {"pod_uid": pod_uid, "exec_id": exec_id,
+                                            "signal": sig}, timeout=CALL)
+            return True
+        except Status as e:
+            if e.code == "NOT_FOUND":
+                return False
+            raise
 
     # -- images ----------------------------------------------------------------
 

@@ -308,7 +308,8 @@ class PodRuntime:
                 "StartContainer": self.start_container,
                 "SignalContainer": self.signal_container, "RemovePod": self.remove_pod,
                 "ListPods": self.list_pods, "WatchContainers": self.watch_containers,
-                "StartExec": self.start_exec, "SetPodRoutes": self.routes.set_pod_routes}
+                "StartExec": self.start_exec, "SignalExec": self.signal_exec,
+                "SetPodRoutes": self.routes.set_pod_routes}
 
     def create_pod(self, body: dict, fds: list[int]) -> dict:
         pod_uid = body["pod_uid"]
@@ -600,7 +601,7 @@ class PodRuntime:
                       "restart_count": c["restart_count"], "pid": c["pid"],
                       "started_at": c["started_at"], "running": running,
                       "reason": c.get("reason", "")}
-                for k in ("exit_code", "signal", "finished_at"):
+                for k in ("exit_code", "signal", "finished_at", "image"):
                     if c.get(k) is not None:
                         st[k] = c[k]
                 cs.append(st)
@@ -670,6 +671,23 @@ class PodRuntime:
         self.watcher.watch(started.pid, started.start_time, own_child=True)
         log.info("pod %s container %s: exec %s pid %d", pod_uid, name, exec_id, started.pid)
         return {"exec_id": exec_id, "pid": started.pid}, back
+
+
+    def signal_exec(self, body: dict, fds: list[int]) -> dict:
+        """An exec's process group (spawn's setsid made the exec its
+        leader), so that what it started goes too: an exec probe past its
+        timeout must not linger, as the kubelet's ExecSync kills it."""
+        for pid, p in self.procs.items():
+            if p.exec_id == body["exec_id"] and p.pod_uid == body["pod_uid"]:
+                if not proctrack.is_same(pid, p.start_time):
+                    break
+                try:
+                    os.kill(-pid, _SIGNALS[body["signal"]])
+                except ProcessLookupError:
+                    break
+                return {}
+        raise Status("NOT_FOUND", f"exec {body['exec_id']} of pod {body['pod_uid']} "
+                     "is not running")
 
 
 def _tty_and_network(tty: int, net: Callable[[], None] | None) -> None:

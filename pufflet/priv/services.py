@@ -20,8 +20,8 @@ from pufflet.privsep.spec import Spec
 
 
 POD_METHODS = ("CreatePod", "SetVolume", "StartContainer", "SignalContainer",
-               "RemovePod", "ListPods", "WatchContainers", "StartExec", "PortForward",
-               "SetPodRoutes")
+               "RemovePod", "ListPods", "WatchContainers", "StartExec", "SignalExec",
+               "PortForward", "SetPodRoutes")
 
 
 def _unavailable(body: dict, fds: list[int]):

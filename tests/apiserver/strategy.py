@@ -164,6 +164,18 @@ def _default_pod(obj: dict[str, Any], store: "Store") -> None:
     obj["status"] = {"phase": "Pending", "qosClass": _qos(spec)}
 
 
+def _fold_string_data(secret: dict[str, Any]) -> None:
+    """stringData is write-only: the conversion to the internal Secret
+    merges it into data on every write (create, update, patch alike),
+    its keys winning over data's."""
+    if "stringData" in secret:
+        import base64
+        data = secret.get("data") or {}
+        secret["data"] = data
+        for k, v in (secret.pop("stringData") or {}).items():
+            data[k] = base64.b64encode(v.encode()).decode()
+
+
 def prepare_for_create(res: Resource, obj: dict[str, Any], store: "Store",
                        user: dict[str, Any] | None) -> None:
     kind = res.kind
@@ -183,11 +195,7 @@ def prepare_for_create(res: Resource, obj: dict[str, Any], store: "Store",
         obj["status"] = {"phase": "Active"}
     elif kind == "Secret":
         obj.setdefault("type", "Opaque")
-        if "stringData" in obj:
-            import base64
-            data = obj.setdefault("data", {})
-            for k, v in obj.pop("stringData").items():
-                data[k] = base64.b64encode(v.encode()).decode()
+        _fold_string_data(obj)
     elif kind == "CertificateSigningRequest":
         obj["status"] = {}
         spec = obj.setdefault("spec", {})
@@ -228,6 +236,8 @@ def after_delete(res: Resource, obj: dict[str, Any], store: "Store") -> None:
 def prepare_for_update(res: Resource, old: dict[str, Any], new: dict[str, Any],
                        subresource: str | None) -> dict[str, Any]:
     """Return the object to store for a write to `subresource` of `res`."""
+    if res.kind == "Secret" and not subresource:
+        _fold_string_data(new)
     if subresource is None:
         out = new
     elif subresource == "status":

@@ -19,6 +19,7 @@ Needs root (pod uids, chroot).   python3 bench/nodeapi.py [messages] [MiB]
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import http.client
 import os
 import shutil
@@ -126,7 +127,7 @@ def rtt_ws(node, n: int) -> float:
     return t
 
 
-def follow_logs(node, size: int, big: str) -> float:
+def follow_logs(node, size: int, big: str, want: str) -> float:
     # It stays up after the cat: a follow ends with the run, and the
     # logger may still be draining the pipe when the exit is seen.
     st = node.container(["sh", "-c", f"cat {big}; sleep 600"], name="writer")
@@ -136,16 +137,21 @@ def follow_logs(node, size: int, big: str) -> float:
     r = conn.getresponse()
     assert r.status == 200, r.read()
     got = 0
+    digest = hashlib.sha256()
     while got < size:
         d = r.read1(1 << 20)
         if not d:
             break
         got += len(d)
+        digest.update(d)
     t = time.perf_counter() - t0
     conn.close()
-    if got != size:
-        print(f"  NOTE: logs -f gave {got} bytes for {size} written "
-              f"({st['container_id'][:20]}...)")
+    # Every byte once, in order: a throughput figure of wrong output is
+    # worth nothing (rotation once made a follower read files twice).
+    if got != size or digest.hexdigest() != want:
+        sys.exit(f"logs -f gave {got} bytes for {size} written, "
+                 f"{'not ' if digest.hexdigest() != want else ''}the same "
+                 f"({st['container_id'][:20]}...)")
     return t
 
 
@@ -186,7 +192,7 @@ def main() -> None:
         big = env.root(tpp.POD_A) / "tmp" / "big"
         big.write_bytes(line * (size // len(line)))
         base = cat_pipe(str(big), size)
-        t = follow_logs(node, size, "/tmp/big")
+        t = follow_logs(node, size, "/tmp/big", hashlib.sha256(big.read_bytes()).hexdigest())
         print(f"logs -f, {size >> 20} MiB of 80-byte lines:")
         print(f"  plain pipe (cat)     {size / base / 2**20:8.1f} MiB/s")
         print(f"  /containerLogs -f    {size / t / 2**20:8.1f} MiB/s   x{base / t:.3f} of the pipe")

@@ -12,11 +12,11 @@ from kubernetes.client import Configuration
 from kubernetes.stream import ws_client
 
 import spdyclient as sc
+from pufflet.privsep.channel import Status
 import streamenv
 from spdyclient import SpdyClient
 from test_pods_priv import POD_A, Events, env, reaper  # noqa: F401 - fixtures
 
-from pufflet.nodeapi import remotecommand
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +106,7 @@ def test_spdy_exec_missing_binary_and_refusals(node):
             ("/exec/default/nosuch/c?" + q(command="sh", stdout="1"), 404, b"pod does not exist"),
             ("/exec/default/web/x?" + q(command="sh", stdout="1"), 404, b"container not found"),
             ("/exec/default/web/c?" + q(stdout="1"), 400, b"at least one command"),
-            ("/exec/default/web/c?" + q(command="sh"), 400, b"at least 1 of stdin"),
-            ("/attach/default/web/c?" + q(stdin="1", stdout="1"), 400,
-             remotecommand.ATTACH_STDIN_REFUSED.encode())]:
+            ("/exec/default/web/c?" + q(command="sh"), 400, b"at least 1 of stdin")]:
         c = spdy_exec(node, path)
         assert (c.status, words in c.body) == (code, True), (path, c.status, c.body)
         c.sock.close()
@@ -193,3 +191,93 @@ def test_client_leaving_ends_the_exec(node):
         if got.get("exec_id"):
             break
     assert got["exit_code"] == 0
+
+
+def start_interactive(node, argv, stdin=True, tty=False, name="c"):
+    """A container with stdin: true and/or tty: true in its spec."""
+    st = node.priv.call("StartContainer", {
+        "pod_uid": POD_A, "name": name, "restart_count": 0, "image": node.env.img,
+        "argv": list(argv), "env": ["PATH=/bin"], "working_dir": "/", "mounts": [],
+        "limits": {}, "stdin": stdin, "tty": tty}).body
+    node.mgr.add(POD_A, "default", "web", name, st)
+    return st
+
+
+def running(node, name="c"):
+    pods = node.priv.call("ListPods", {}).body["pods"]
+    return next(c["running"] for p in pods for c in p["containers"] if c["name"] == name)
+
+
+def test_spdy_attach_stdin(node):
+    """Input reaches the container's stdin pipe; ending an attach's stdin
+    leaves the container's open for the next attach."""
+    start_interactive(node, ["sh", "-c", 'while read l; do echo "got $l"; echo "e $l" >&2; '
+                             "done; echo eof"])
+    for word in (b"one", b"two"):
+        c = spdy_exec(node, "/attach/default/web/c?" + q(stdin="1", stdout="1", stderr="1"))
+        assert c.status == 101
+        s = open_streams(c, ["error", "stdin", "stdout", "stderr"])
+        c.send(s["stdin"], word + b"\n", fin=True)
+        assert c.wait(lambda: b"got " + word + b"\n" in bytes(s["stdout"].data), 10)
+        assert c.wait(lambda: b"e " + word + b"\n" in bytes(s["stderr"].data), 10)
+        c.close()
+        time.sleep(0.3)
+        assert running(node)            # no EOF: the parent holds its stdin
+    # Attaching to a container without stdin: input is read and dropped.
+    start_interactive(node, ["sleep", "60"], stdin=False, name="quiet")
+    c = spdy_exec(node, "/attach/default/web/quiet?" + q(stdin="1", stdout="1"))
+    assert c.status == 101
+    s = open_streams(c, ["error", "stdin", "stdout"])
+    c.send(s["stdin"], b"x" * 200_000, fin=True)    # past the window: it is read
+    c.close()
+
+
+def test_spdy_attach_tty_and_resize(node):
+    start_interactive(node, ["sh", "-c", "while read x; do stty size; done"], tty=True)
+    c = spdy_exec(node, "/attach/default/web/c?" + q(stdin="1", stdout="1", tty="1"))
+    assert c.status == 101
+    s = open_streams(c, ["error", "stdin", "stdout", "resize"])
+    for w, h in ((100, 37), (81, 25)):
+        c.send(s["resize"], sc_resize(w, h))
+        deadline = time.monotonic() + 10
+        while f"{h} {w}".encode() not in s["stdout"].data:
+            assert time.monotonic() < deadline, bytes(s["stdout"].data)
+            c.send(s["stdin"], b"go\n")
+            time.sleep(0.1)
+    # The terminal echoes the input (its CRLF logged as a newline, as CRI does).
+    assert s["stdout"].data.startswith(b"go\n")
+    c.send(s["stdin"], b"\x04")                  # ^D on the terminal: read fails
+    assert c.wait(lambda: not running(node), 10)
+    assert sc.parse_exit_code(c.read_all(s["error"], timeout=10)) == 0
+    c.close()
+    # The parent let go of the pty master with the container.
+    assert node.priv.runtime.attach_fds == {}
+    with pytest.raises(Status) as e:
+        node.priv.call("AttachContainer", {"pod_uid": POD_A, "name": "c"})
+    assert e.value.code == "NOT_FOUND"
+
+
+def test_priv_attach_refusals(node):
+    node.container(["sleep", "60"])            # stdin: false, tty: false
+    with pytest.raises(Status) as e:
+        node.priv.call("AttachContainer", {"pod_uid": POD_A, "name": "c"})
+    assert e.value.code == "FAILED_PRECONDITION" and "no stdin" in e.value.message
+
+
+def sc_resize(w, h):
+    return json.dumps({"Width": w, "Height": h}).encode() + b"\n"
+
+
+def test_websocket_attach_kubernetes_client(node):
+    start_interactive(node, ["sh", "-c", 'while read l; do echo "got $l"; done'])
+    url = wss(node, "/attach/default/web/c?" + q(stdin="true", stdout="true"))
+    c = ws_client.WSClient(k8s_config(node), url, None, capture_all=True)
+    assert c.subprotocol == "v5.channel.k8s.io"
+    c.write_stdin("hello\n")
+    out = ""
+    deadline = time.monotonic() + 10
+    while "got hello\n" not in out:
+        assert time.monotonic() < deadline, out
+        c.update(timeout=0.2)
+        out += c.read_stdout(timeout=0) if c.peek_stdout() else ""
+    c.close()

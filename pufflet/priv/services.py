@@ -20,7 +20,8 @@ from pufflet.privsep.spec import Spec
 
 
 POD_METHODS = ("CreatePod", "SetVolume", "StartContainer", "SignalContainer",
-               "RemovePod", "ListPods", "WatchContainers", "StartExec", "PortForward")
+               "RemovePod", "ListPods", "WatchContainers", "StartExec", "AttachContainer",
+               "PortForward")
 
 
 def _unavailable(body: dict, fds: list[int]):

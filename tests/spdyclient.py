@@ -173,7 +173,7 @@ class SpdyClient:
 
     @classmethod
     def connect(cls, addr, protocols, *, path="/exec/ns/pod/c?command=sh", tls: ssl.SSLContext | None = None,
-                extra_headers=(), **kw) -> "SpdyClient":
+                extra_headers=(), reader: bool = True, **kw) -> "SpdyClient":
         raw = socket.create_connection(addr, timeout=10)
         sock = tls.wrap_socket(raw, server_hostname="localhost") if tls else raw
         sock.settimeout(None)
@@ -184,7 +184,9 @@ class SpdyClient:
         req += [f"{k}: {v}" for k, v in extra_headers]
         sock.sendall(("\r\n".join(req) + "\r\n\r\n").encode())
         c._read_response()
-        if c.status == 101:
+        # reader=False: a client that never reads what the server sends
+        # (a stalled kubectl, a dead peer whose TCP window is closed).
+        if c.status == 101 and reader:
             threading.Thread(target=c._reader, daemon=True).start()
         return c
 

@@ -4,6 +4,7 @@ that share no code with the server: tests/spdyclient.py for SPDY (as
 client-go), the kubernetes Python client's WSClient for WebSocket."""
 
 import json
+import signal
 import time
 import urllib.parse
 
@@ -66,6 +67,26 @@ def test_spdy_exec_pipes_and_exit_code(node):
     assert sc.parse_exit_code(status) == 3
     assert json.loads(status)["reason"] == "NonZeroExitCode"
     c.close()
+
+
+@pytest.mark.parametrize("proto", ["v3.channel.k8s.io", "v2.channel.k8s.io",
+                                   "channel.k8s.io"])
+def test_spdy_exec_older_protocols(node, proto):
+    """v1..v3 (client-go still offers them): the best one both sides speak
+    is chosen, and the error stream carries a failure's message as bare
+    text, nothing on success (no Status before v4)."""
+    node.container(["sleep", "60"])
+    older = ["v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"]
+    offered = older[older.index(proto):]
+    for cmd, err in (("echo out; exit 3", b"command terminated with non-zero exit code: "
+                      b"exit status 3"), ("echo out", b"")):
+        c = spdy_exec(node, "/exec/default/web/c?" + q(command=["sh", "-c", cmd], stdout="1"),
+                      offered)
+        assert c.status == 101 and c.protocol == proto
+        s = open_streams(c, ["error", "stdout"])
+        assert c.read_all(s["stdout"]) == b"out\n"
+        assert c.read_all(s["error"]) == err
+        c.close()
 
 
 def test_spdy_exec_tty_and_resize(node):
@@ -140,6 +161,20 @@ def test_websocket_exec_v4_kubernetes_client(node):
     assert c.read_stdout() == "got hello\n"
     assert c.read_stderr() == "err\n"
     assert c.returncode == 3
+
+
+def test_websocket_exec_tty_and_resize_kubernetes_client(node):
+    node.container(["sleep", "60"])
+    url = wss(node, "/exec/default/web/c?" + q(
+        command=["sh", "-c", "read x; stty size"], stdin="true", stdout="true", tty="true"))
+    c = ws_client.WSClient(k8s_config(node), url, None, capture_all=True)
+    c.write_channel(ws_client.RESIZE_CHANNEL, json.dumps({"Width": 90, "Height": 30}))
+    time.sleep(0.2)                     # channels are read apart: resize first
+    c.write_stdin("go\n")
+    c.run_forever(timeout=20)
+    out = c.read_stdout()
+    assert "30 90" in out and out.startswith("go\r\n"), out      # a terminal: CRLF
+    assert c.returncode == 0
 
 
 def test_websocket_exec_v5_closes_stdin(node):
@@ -281,3 +316,40 @@ def test_websocket_attach_kubernetes_client(node):
         c.update(timeout=0.2)
         out += c.read_stdout(timeout=0) if c.peek_stdout() else ""
     c.close()
+
+
+def test_a_client_that_stops_reading_blocks_nobody(node):
+    """An exec whose client opened a huge window and then stopped reading
+    fills its TCP connection and stalls only itself: other execs on the
+    node run, and once that client is gone its process is hung up."""
+    node.container(["sleep", "60"])
+    ev = Events(node.priv)
+    stuck = spdy_exec_raw(node, "/exec/default/web/c?" + q(
+        command=["sh", "-c", "while :; do echo aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; "
+                 "done"], stdout="1"))
+    for k in ("error", "stdout"):
+        st = stuck.open({"streamtype": k})
+        stuck.window_update(st.sid, 1 << 30)
+    stuck.window_update(0, 1 << 30)
+    time.sleep(1.0)                     # the server's writes to it are blocked by now
+    for i in range(3):
+        t0 = time.monotonic()
+        c = spdy_exec(node, "/exec/default/web/c?" + q(command=["sh", "-c", f"echo {i}"],
+                                                       stdout="1"))
+        s = open_streams(c, ["error", "stdout"])
+        assert c.read_all(s["stdout"], timeout=5) == f"{i}\n".encode()
+        assert sc.parse_exit_code(c.read_all(s["error"], timeout=5)) == 0
+        c.close()
+        assert time.monotonic() - t0 < 3
+    stuck.sock.close()                  # and now it is gone
+    deadline = time.monotonic() + 15
+    while True:
+        got = ev.q.get(timeout=max(0.01, deadline - time.monotonic()))
+        if got.get("exec_id") and got.get("exit_code") != 0:
+            break                       # not one of the echoes: the stuck loop
+    assert got.get("signal") == signal.SIGPIPE, got     # its stdout was closed
+
+
+def spdy_exec_raw(node, path):
+    return SpdyClient.connect(node.addr, ["v4.channel.k8s.io"], path=path,
+                              tls=node.client_tls, reader=False)

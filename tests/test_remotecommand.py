@@ -121,6 +121,10 @@ def test_spdy_exec_missing_binary_and_refusals(node):
     status = json.loads(c.read_all(s["error"]))
     assert status["status"] == "Failure" and status["reason"] == "InternalError"
     assert "nope" in status["message"] and "searched PATH=/bin" in status["message"]
+    assert status["message"].startswith(
+        "Internal error occurred: error executing command in container: ")
+    assert status["code"] == 500 and status["details"]["causes"][0]["message"] in \
+        status["message"]
     c.close()
     # Refused before the upgrade, as the kubelet: plain text.
     for path, code, words in [

@@ -405,7 +405,8 @@ def run_exec(ch: Channels, backend: Backend, target: Target, opts: Options) -> N
     try:
         started = backend.start_exec(target, list(opts.command), opts.tty)
     except ExecError as e:
-        ch.finish(sp.exit_status(None, error=str(e)))
+        # As the kubelet words a runtime that could not run the command.
+        ch.finish(sp.exit_status(None, error=f"error executing command in container: {e}"))
         return
     fds = ProcessFds(*started.fds, tty=opts.tty)
     stop = threading.Event()

@@ -4,6 +4,7 @@ that share no code with the server: tests/spdyclient.py for SPDY (as
 client-go), the kubernetes Python client's WSClient for WebSocket."""
 
 import json
+import os
 import signal
 import time
 import urllib.parse
@@ -232,12 +233,12 @@ def test_client_leaving_ends_the_exec(node):
     assert got["exit_code"] == 0
 
 
-def start_interactive(node, argv, stdin=True, tty=False, name="c"):
+def start_interactive(node, argv, stdin=True, tty=False, name="c", stdin_once=False):
     """A container with stdin: true and/or tty: true in its spec."""
     st = node.priv.call("StartContainer", {
         "pod_uid": POD_A, "name": name, "restart_count": 0, "image": node.env.img,
         "argv": list(argv), "env": ["PATH=/bin"], "working_dir": "/", "mounts": [],
-        "limits": {}, "stdin": stdin, "tty": tty}).body
+        "limits": {}, "stdin": stdin, "tty": tty, "stdin_once": stdin_once}).body
     node.mgr.add(POD_A, "default", "web", name, st)
     return st
 
@@ -269,6 +270,26 @@ def test_spdy_attach_stdin(node):
     s = open_streams(c, ["error", "stdin", "stdout"])
     c.send(s["stdin"], b"x" * 200_000, fin=True)    # past the window: it is read
     c.close()
+
+
+def test_spdy_attach_stdin_once(node):
+    """stdinOnce (kubectl run -i): the end of the first attach's stdin is
+    the container's EOF; a second attach gets no stdin."""
+    start_interactive(node, ["sh", "-c", 'cat; echo "eof seen"'], stdin_once=True)
+    start_interactive(node, ["sleep", "60"], name="once", stdin_once=True)
+    r = node.priv.call("AttachContainer", {"pod_uid": POD_A, "name": "once"})
+    assert r.body["stdin_once"] and len(r.fds) == 1
+    os.close(r.fds[0])
+    with pytest.raises(Status) as e:
+        node.priv.call("AttachContainer", {"pod_uid": POD_A, "name": "once"})
+    assert e.value.code == "FAILED_PRECONDITION"
+    c = spdy_exec(node, "/attach/default/web/c?" + q(stdin="1", stdout="1"))
+    s = open_streams(c, ["error", "stdin", "stdout"])
+    c.send(s["stdin"], b"abc\n", fin=True)
+    assert c.read_all(s["stdout"], timeout=10) == b"abc\neof seen\n"
+    assert sc.parse_exit_code(c.read_all(s["error"], timeout=10)) == 0
+    c.close()
+    assert not running(node)
 
 
 def test_spdy_attach_tty_and_resize(node):

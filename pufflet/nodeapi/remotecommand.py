@@ -17,7 +17,9 @@ for the container's life and lends us a duplicate of (AttachContainer).
 What the client types goes there; resize messages set the pty's window.
 As containerd does, input for a container without stdin is read and
 dropped.  Ending our stdin closes only our duplicate: the container's
-stdin stays open for the next attach (stdinOnce is not implemented).
+stdin stays open for the next attach.  With stdinOnce the first attach
+gets the parent's own fd, so its end is the container's EOF (with a tty
+the terminal stays open: the logger holds the master too).
 """
 
 from __future__ import annotations

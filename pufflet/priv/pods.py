@@ -470,7 +470,8 @@ class PodRuntime:
                                      container_id, Spawn(
             argv=tuple(body["argv"]), env=tuple(body["env"]), root=root, uid=uid,
             gid=uid, cwd=body["working_dir"], rlimits=plan.rlimits, nice=plan.nice,
-            enter_network=self.network_entry(pod_uid)), body["stdin"], body["tty"])
+            enter_network=self.network_entry(pod_uid)), body["stdin"], body["tty"],
+            body.get("stdin_once", False))
         now = time.time()
         pod["containers"][name] = {
             "container_id": container_id, "restart_count": body["restart_count"],
@@ -490,7 +491,7 @@ class PodRuntime:
 
     def _spawn_logged(self, pod_uid: str, pod: dict, name: str, restart: int,
                       container_id: str, spec: Spawn, stdin: bool = False,
-                      tty: bool = False):
+                      tty: bool = False, stdin_once: bool = False):
         """spawn with its output on pipes whose read ends the logger holds.
 
         stdin: false: /dev/null.  stdin: true: a pipe whose write end we
@@ -540,7 +541,7 @@ class PodRuntime:
             for fd in here:
                 os.close(fd)
         if keep >= 0:
-            self.attach_fds[container_id] = _Attach(keep, tty, stdin)
+            self.attach_fds[container_id] = _Attach(keep, tty, stdin, stdin_once)
         return started
 
     def _running(self, pod_uid: str, name: str) -> dict:
@@ -705,9 +706,17 @@ class PodRuntime:
         a = self.attach_fds.get(c["container_id"])
         if a is None:
             raise Status("FAILED_PRECONDITION", f"container {name} has no stdin and no "
-                         "tty to attach to (stdin: false and tty: false in its spec, or "
-                         "pufflet restarted since it started)")
-        return {"tty": a.tty, "stdin": a.stdin}, [os.dup(a.fd)]
+                         "tty to attach to (stdin: false and tty: false in its spec, "
+                         "stdinOnce and attached once already, or pufflet restarted "
+                         "since it started)")
+        if a.stdin_once:
+            # stdinOnce: this attach gets our fd itself (the channel closes
+            # our number once it is sent): when the attach ends, no write
+            # end is left and the container reads EOF, as `kubectl run -i`
+            # expects.  A later attach gets the output only.
+            del self.attach_fds[c["container_id"]]
+            return {"tty": a.tty, "stdin": a.stdin, "stdin_once": True}, [a.fd]
+        return {"tty": a.tty, "stdin": a.stdin, "stdin_once": False}, [os.dup(a.fd)]
 
 
 @dataclass(frozen=True)
@@ -715,6 +724,7 @@ class _Attach:
     fd: int
     tty: bool
     stdin: bool
+    stdin_once: bool = False
 
 
 def _tty_and_network(tty: int, net: Callable[[], None] | None) -> None:

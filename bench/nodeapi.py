@@ -6,7 +6,7 @@ real pod, the agent's Runtime, the node API server over TLS on loopback.
 exec round trip: `cat` exec'd in the pod; N small messages written to its
 stdin one at a time, each awaited on stdout before the next (as typing in
 a shell), over SPDY (tests/spdyclient.py, as client-go) and WebSocket v5
-(websocket-client).  Baseline: the same cat(1) behind a local TCP socket
+(websocket-client), each client in a process of its own.  Baseline: the same cat(1) behind a local TCP socket
 (ratios are to it); a cat on plain pipes is printed too.
 
 logs -f: a container cat(1)s a file of 80-byte lines as fast as it can;
@@ -25,6 +25,7 @@ import http.client
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,31 @@ def rtt_ws(node, n: int) -> float:
     return t
 
 
+class Remote:
+    """What the exec clients need of a node: enough to run in a process of
+    their own, as kubectl or the API server does (in ours, the client's
+    threads would compete with the server's for one GIL)."""
+
+    def __init__(self, port: int, ca: str) -> None:
+        self.addr = ("127.0.0.1", port)
+        self.ca = ca
+        self.client_tls = ssl.create_default_context(cafile=ca)
+
+
+def rtt_in_process(kind: str, node, n: int) -> float:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--client", kind,
+                          str(node.addr[1]), node.ca, str(n)],
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        sys.exit(f"{kind} client failed: {out.stderr.strip()}")
+    return float(out.stdout)
+
+
+def client_main(kind: str, port: str, ca: str, n: str) -> None:
+    fn = {"spdy": rtt_spdy, "ws": rtt_ws}[kind]
+    print(fn(Remote(int(port), ca), int(n)))
+
+
 def follow_logs(node, size: int, big: str, want: str) -> float:
     # It stays up after the cat: a follow ends with the run, and the
     # logger may still be draining the pipe when the exit is seen.
@@ -204,8 +230,8 @@ def main() -> None:
 
         pipe_t = min(rtt_pipe(n) for _ in range(3))
         base = min(rtt_socket(n) for _ in range(3))
-        spdy_t = min(rtt_spdy(node, n) for _ in range(3))
-        ws_t = min(rtt_ws(node, n) for _ in range(3))
+        spdy_t = min(rtt_in_process("spdy", node, n) for _ in range(3))
+        ws_t = min(rtt_in_process("ws", node, n) for _ in range(3))
         print(f"exec round trip, {n} x {len(MSG)} B, best of 3 (ratio to the local socket):")
         print(f"  plain pipe (cat)      {pipe_t * 1e6:8.1f} us")
         print(f"  local TCP socket (cat){base * 1e6:8.1f} us   x1")
@@ -241,4 +267,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--client"]:
+        client_main(*sys.argv[2:6])
+    else:
+        main()

@@ -119,7 +119,7 @@ def test_exec_attach_port_forward_through_the_daemon(public_tmp):
                                path="/portForward/default/web-test-node")
         assert c.status == 101, c.body
         h = {"port": str(echo.getsockname()[1]), "requestid": "0"}
-        e = c.open({**h, "streamtype": "error"})
+        c.open({**h, "streamtype": "error"})
         dd = c.open({**h, "streamtype": "data"})
         c.send(dd, b"ping")
         assert c.wait(lambda: bytes(dd.data) == b"echo:ping", 10), bytes(dd.data)

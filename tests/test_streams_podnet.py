@@ -9,7 +9,6 @@ test_net_linux's, so they can run beside them."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import socket

@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 from pufflet.logs.reader import LogReader
 
 from . import spdy, streamproto as sp, wsstream
-from .server import HTTPError, Request
+from .server import Request
 from .streaming import (STREAM_CREATION_TIMEOUT, AttachedStdin, Backend, ExecError, Target,
                         Upgraded, close_quietly, upgrade, bad_request)
 
@@ -529,32 +529,32 @@ def serve(req: Request, match, backend: Backend, exec_: bool) -> None:
     target = backend.resolve(params["namespace"], params["pod"], params["container"],
                              params.get("uid"))
     what = "exec" if exec_ else "attach"
+    up = upgrade(req, sp.SPDY_REMOTECOMMAND_PROTOCOLS, sp.WS_REMOTECOMMAND_PROTOCOLS, what)
+    if up is None:
+        return
     att = None
-    if not exec_ and (opts.stdin or opts.tty):
-        try:
-            att = backend.attach(target)
-        except ExecError as e:
-            raise HTTPError(500, f"cannot attach: {e}") from None
     try:
-        up = upgrade(req, sp.SPDY_REMOTECOMMAND_PROTOCOLS, sp.WS_REMOTECOMMAND_PROTOCOLS,
-                     what)
-        if up is None:
-            return
-        try:
-            ch = open_channels(up, opts)
-            if ch is None:
-                pass
-            elif exec_:
-                run_exec(ch, backend, target, opts)
-            else:
-                run_attach(ch, backend, target, opts, att)
-                att = None          # run_attach closed it
-        except Exception:       # noqa: BLE001 - the connection is ours: log, close
-            log.exception("%s %s/%s/%s: failed", what, target.namespace, target.pod,
-                          target.container)
-        finally:
-            close_quietly(up.sock)
+        ch = open_channels(up, opts)
+        if ch is None:
+            pass
+        elif exec_:
+            run_exec(ch, backend, target, opts)
+        else:
+            # Only now that the client is there: with stdinOnce, taking
+            # the container's stdin is what ends it at the close.
+            if opts.stdin or opts.tty:
+                try:
+                    att = backend.attach(target)
+                except ExecError as e:
+                    log.warning("attach %s/%s/%s: no stdin: %s", target.namespace,
+                                target.pod, target.container, e)
+            run_attach(ch, backend, target, opts, att)
+            att = None          # run_attach closed it
+    except Exception:       # noqa: BLE001 - the connection is ours: log, close
+        log.exception("%s %s/%s/%s: failed", what, target.namespace, target.pod,
+                      target.container)
     finally:
+        close_quietly(up.sock)
         if att is not None:
             os.close(att.fd)
 

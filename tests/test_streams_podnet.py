@@ -152,15 +152,20 @@ def test_exec_runs_inside_the_pod(node):
     c.close()               # the client leaves: the exec is hung up
 
 
-def _server_in_netns(ns: str, port: int, tag: bytes) -> subprocess.Popen:
+def _server_in_netns(ns: str, port: int, tag: bytes, at_eof: bool = True) -> subprocess.Popen:
+    """A server on 127.0.0.1:port inside ns: tag + what it got, after the
+    client's EOF (at_eof) or at each read (WebSocket port-forward has no
+    half-close)."""
+    body = (" while (x:=c.recv(65536)): d+=x\n"
+            f" c.sendall({tag!r}+d);c.close()") if at_eof else \
+        (f" while (x:=c.recv(65536)): c.sendall({tag!r}+x)\n"
+         " c.close()")
     srv = subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-c",
          "import socket\n"
          f"s=socket.create_server(('127.0.0.1',{port}));print('up',flush=True)\n"
          "while True:\n"
-         " c,_=s.accept();d=b''\n"
-         " while (x:=c.recv(65536)): d+=x\n"
-         f" c.sendall({tag!r}+d);c.close()"],
+         " c,_=s.accept();d=b''\n" + body],
         stdout=subprocess.PIPE)
     assert srv.stdout.readline() == b"up\n"
     return srv
@@ -214,3 +219,35 @@ def test_port_forward_dials_inside_the_pods_netns_and_host_network_on_the_host(n
         srv.kill()
         srv.wait()
         host.close()
+
+
+def test_websocket_port_forward_into_the_pods_netns(node):
+    """The kubernetes client's WebSocket port-forward reaches the server
+    on the pod's loopback too."""
+    from kubernetes.client import Configuration
+    from kubernetes.stream import ws_client
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = _server_in_netns(NAMES.netns(POD_A), port, b"pod:", at_eof=False)
+    try:
+        cfg = Configuration()
+        cfg.host = f"https://127.0.0.1:{node.addr[1]}"
+        cfg.ssl_ca_cert = node.ca
+        url = f"wss://127.0.0.1:{node.addr[1]}/portForward/default/web?ports={port}"
+        ws = ws_client.create_websocket(cfg, url, {"sec-websocket-protocol": "v4.channel.k8s.io"})
+        pf = ws_client.PortForward(ws, [port])
+        sock = pf.socket(port)
+        sock.settimeout(10)
+        sock.sendall(b"over websocket")
+        got = b""
+        while len(got) < len(b"pod:over websocket"):
+            d = sock.recv(100)
+            if not d:
+                break
+            got += d
+        assert got == b"pod:over websocket" and pf.error(port) is None
+        pf.close()
+    finally:
+        srv.kill()
+        srv.wait()

@@ -22,7 +22,7 @@ PLIST = REPO / "port" / "pkg" / "PLIST"
 # The daemon's user and group.  Not yet in infrastructure/db/user.list:
 # see port/README before importing the port.
 USER = "_pufflet"
-ID = 897
+ID = 950
 
 SITE = "lib/python${MODPY_VERSION}/site-packages"
 PYCACHE = "${MODPY_PYCACHE}"

@@ -53,6 +53,9 @@ class HostPath:
 class PodNetwork:
     cidr: str | None        # None: use the node's spec.podCIDR
     egress: str | None
+    # 'pod network from node' said: pods wait for the Node's podCIDR
+    # rather than share the node's network while it has none.
+    from_node: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,12 @@ class Config:
     image_gc_low: int = 80      # ... until usage is below this
     tls_client_ca: str | None = None    # CA bundle for node API client certificates
     node_api_open: bool = False         # 'node api authentication none': a lab only
+    tls_csr: bool = False               # 'tls certificate csr': serving cert from the cluster
     cluster_dns: tuple[str, ...] = ()   # dnsPolicy ClusterFirst's nameservers
     cluster_domain: str = "cluster.local"
+    # 'pod routes': the cluster's pod networks; routes to other nodes'
+    # podCIDRs inside them are kept (agent/podroutes.py, priv/podroutes.py).
+    pod_routes: tuple[str, ...] = ()
 
 
 DEFAULT_TAINT = Taint("pufflet.io/openbsd", "true", "NoSchedule")
@@ -401,7 +408,9 @@ class _Parser:
         v.update(self.v)
         self.check_uid_range(v)
         self.check_status_intervals(v)
-        if ("tls certificate" in self.seen) != ("tls key" in self.seen):
+        if v.get("tls_csr"):
+            self.check_tls_csr(v)
+        elif ("tls certificate" in self.seen) != ("tls key" in self.seen):
             have, lack = (("tls certificate", "tls key")
                           if "tls certificate" in self.seen
                           else ("tls key", "tls certificate"))
@@ -422,6 +431,15 @@ class _Parser:
             taints=taints,
             hostpaths=tuple(h for h, _ in self.hostpaths.values()),
             **v)
+
+    def check_tls_csr(self, v: dict[str, Any]) -> None:
+        where = self.seen["tls certificate"]
+        if "tls key" in self.seen:
+            # The key of a requested certificate is made by pufflet.
+            self.error(self.seen["tls key"], "'tls key' given with 'tls certificate csr'")
+        if not v.get("kubeconfig"):
+            self.error(where, "'tls certificate csr' needs a 'kubeconfig': only the "
+                              "API server can sign the request")
 
     def check_uid_range(self, v: dict[str, Any]) -> None:
         lo, hi, maxpods = v["pod_uid_min"], v["pod_uid_max"], v["max_pods"]
@@ -648,7 +666,26 @@ def _pod_network(p: _Parser, a: _Args) -> None:
         egress = a.string("an interface name")
         if len(egress) > 15 or not _IFNAME.match(egress):
             raise _Error(f"invalid interface name '{egress}'")
-    p.v["pod_network"] = PodNetwork(cidr, egress)
+    p.v["pod_network"] = PodNetwork(cidr, egress, from_node=cidr is None)
+
+
+# One cluster network per address family, as dual-stack clusters have
+# (the controller manager's --cluster-cidr takes at most two).
+@_statement("pod routes", repeatable=True)
+def _pod_routes(p: _Parser, a: _Args) -> None:
+    s = a.string("the cluster's pod network")
+    try:
+        net = ipaddress.ip_network(s, strict=True)
+    except ValueError as e:
+        raise _Error(f"invalid pod routes network: {e}") from None
+    if net.prefixlen == 0:
+        raise _Error(f"pod routes {s}: a cluster network, not every address")
+    have = p.v.get("pod_routes", ())
+    for other in have:
+        if ipaddress.ip_network(other).version == net.version:
+            raise _Error(f"pod routes {s}: an IPv{net.version} network is given "
+                         f"already ({other}); one per address family")
+    p.v["pod_routes"] = have + (str(net),)
 
 
 # resolv.conf(5) reads at most 3 nameservers (MAXNS), as the kubelet warns.
@@ -697,9 +734,14 @@ def _listen_on(p: _Parser, a: _Args) -> None:
     p.v["listen_address"] = addr
 
 
-@_statement("tls certificate")
+@_statement("tls certificate", options=("csr",))
 def _tls_certificate(p: _Parser, a: _Args) -> None:
-    p.v["tls_cert"] = a.path()
+    # 'csr': ask the cluster (signer kubernetes.io/kubelet-serving), as the
+    # kubelet's serverTLSBootstrap does; see agent/servingcert.py.
+    if a.keyword("csr"):
+        p.v["tls_csr"] = True
+        return
+    p.v["tls_cert"] = a.path("an absolute path or 'csr'")
 
 
 @_statement("tls key")

@@ -671,6 +671,42 @@ def test_csr_short_duration_and_bad_subject(tmp_path):
         assert "certificate" not in got["status"]
 
 
+def test_kubelet_serving_csrs_follow_the_signers_rules(tmp_path):
+    """kubernetes.io/kubelet-serving: never auto-approved, and signed only
+    with DNS/IP SANs, no email, usages exactly {digital signature, server
+    auth} (+ key encipherment), as ValidateKubeletServingCSR."""
+    with ApiServer(tmp_path, auto_approve_csr=True) as api:
+        certs = client.CertificatesV1Api(_client(api))
+
+        def submit(usages=("digital signature", "server auth"), **sans):
+            pem = make_csr(new_key(tmp_path / f"{uuid.uuid4().hex}.key"), "system:node:n1",
+                           ["system:nodes"], **sans)
+            return certs.create_certificate_signing_request({
+                "metadata": {"generateName": "csr-"},
+                "spec": {"request": base64.b64encode(pem).decode(),
+                         "signerName": "kubernetes.io/kubelet-serving",
+                         "usages": list(usages)}}).metadata.name
+
+        good = submit(dns=["n1"], ips=["192.0.2.1"])
+        got = certs.read_certificate_signing_request(good)
+        assert not (got.status and got.status.conditions), "kubelet-serving was auto-approved"
+        pem = base64.b64decode(api.approve_csr(good)["status"]["certificate"])
+        text = subprocess.run(["openssl", "x509", "-noout", "-text"], input=pem,
+                              capture_output=True, check=True).stdout.decode()
+        assert "DNS:n1, IP Address:192.0.2.1" in text and "TLS Web Server Authentication" in text
+        # The client signer still is auto-approved.
+        client_csr = certs.create_certificate_signing_request(
+            _csr_body(tmp_path, "system:node:n1", ["system:nodes"]))
+        assert certs.read_certificate_signing_request(client_csr.metadata.name).status.certificate
+        for name, why in ((submit(), "DNS or IP subjectAltName is required"),
+                          (submit(usages=("server auth",), dns=["n1"]), "usages did not match"),
+                          (submit(usages=("digital signature", "server auth", "client auth"),
+                                  dns=["n1"]), "usages did not match")):
+            got = api.approve_csr(name)
+            failed = [c for c in got["status"]["conditions"] if c["type"] == "Failed"]
+            assert failed and why in failed[0]["message"] and "certificate" not in got["status"]
+
+
 # -- outages and injected failures --------------------------------------------------
 def test_fail_next_and_pause_resume(tmp_path):
     with ApiServer(tmp_path) as api:
@@ -723,3 +759,16 @@ def test_pause_cuts_open_watches(tmp_path):
         api.pause()
         assert ended.wait(5)
         api.resume()
+
+
+def test_connections_send_without_delay(api, core):
+    """kube-apiserver is a Go server, and Go sets TCP_NODELAY on every TCP
+    connection: an answer written in pieces (headers, body) goes out at
+    once instead of waiting for the client's delayed ACK (~40 ms a call)."""
+    import socket
+    core.list_namespace(_preload_content=False)     # leaves a kept-alive connection
+    with api._httpd.conns_lock:
+        # (a TLS socket takes over its plain socket's fd: that one is -1)
+        conns = [c for c in api._httpd.conns if c.fileno() >= 0]
+    assert conns
+    assert all(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in conns)

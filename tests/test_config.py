@@ -457,7 +457,7 @@ def test_incomplete_keyword():
                        "'status' or 'taint' after 'node'")
     check("node foo x\n", 1, "after 'node', got 'foo'")
     check("pod uid x\n", 1, "expected 'range' after 'pod uid', got 'x'")
-    check("pod\n", 1, "expected 'network' or 'uid' after 'pod'")
+    check("pod\n", 1, "expected 'network', 'routes' or 'uid' after 'pod'")
 
 
 def test_trailing_tokens():
@@ -903,9 +903,9 @@ def test_pod_network():
     c = config.parse("pod network fd00:0::/64 egress vlan.100\n")
     assert c.pod_network == PodNetwork("fd00::/64", "vlan.100")
     c = config.parse("pod network from node egress em0\n")
-    assert c.pod_network == PodNetwork(None, "em0")
+    assert c.pod_network == PodNetwork(None, "em0", from_node=True)
     assert config.parse("pod network from node\n").pod_network == \
-        PodNetwork(None, None)
+        PodNetwork(None, None, from_node=True)
 
 
 @pytest.mark.parametrize("args,fragment", [

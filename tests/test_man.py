@@ -22,6 +22,7 @@ OPENBSD_BASE = {
     ("setrtable", "2"), ("sysctl", "2"), ("syslog", "3"), ("syslogd", "8"), ("chroot", "2"),
     ("setresuid", "2"), ("setresgid", "2"), ("setgroups", "2"), ("socketpair", "2"),
     ("openssl", "1"), ("kqueue", "2"), ("pkg_add", "1"), ("setrlimit", "2"),
+    ("pf", "4"), ("vport", "4"),
 }
 NOT_FOUND = re.compile(r"STYLE: referenced manual not found: Xr (\S+) (\d)")
 

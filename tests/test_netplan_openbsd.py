@@ -470,3 +470,35 @@ def test_openbsd_backend_runs_the_checks_and_plans(monkeypatch, tmp_path):
     net.teardown(UID)
     assert ran == argvs(B.pod_teardown(UID, "10.251.0.2", 1))
     assert net.get(UID) is None
+
+
+def test_openbsd_checks_run_at_start_without_a_cidr(monkeypatch, tmp_path, caplog):
+    """With the CIDR still to come from the Node, the checks run at start
+    all the same: the admin reads what to fix before the first pod."""
+    import subprocess
+    from pufflet.priv import podnet
+
+    outputs = {B.CHECKS["pf"]: "Status: Enabled for 0 days\n", B.CHECKS["anchor"]: "",
+               B.CHECKS["forwarding"]: "0\n", (IFC, "pufflet"): "",
+               **{c: "" for c in B.sweep_commands()}}
+    seen = []
+
+    def fake_run(argv, **kw):
+        seen.append(tuple(argv))
+        return subprocess.CompletedProcess(argv, 0, outputs[tuple(argv)], "")
+    monkeypatch.setattr(podnet.subprocess, "run", fake_run)
+    be = podnet.OpenBSDBackend(libc=FakeLibc())
+    ran = []
+    be.run = lambda step: ran.append(" ".join(step.argv))
+    with caplog.at_level("WARNING", logger="pufflet.priv.podnet"):
+        net = podnet.PodNetworks(str(tmp_path), None, backend=be)
+    assert seen == list(B.CHECKS.values())
+    assert net.pool is None and ran == []
+    assert "pf is disabled" not in net.problem
+    assert 'anchor "pufflet/*"' in caplog.text and "net.inet.ip.forwarding" in caplog.text
+    with pytest.raises(podnet.NetError) as e:
+        net.setup(UID, "10.251.0.0/24")
+    assert e.value.code == "FAILED_PRECONDITION" and "no pufflet anchor" in str(e.value)
+    outputs.update({B.CHECKS["anchor"]: 'anchor "pufflet/*" all\n',
+                    B.CHECKS["forwarding"]: "1\n"})
+    assert net.setup(UID, "10.251.0.0/24").ip == "10.251.0.2"

@@ -538,3 +538,21 @@ def test_status_lists_stored_images(api, agents, tmp_path):
     assert images[0]["names"] == ["example.org/tools/big:2",
                                   f"example.org/tools/big@{big.digest}"]
     assert images[0]["sizeBytes"] == big.size > small.size == images[1]["sizeBytes"]
+
+
+def test_pod_cidr_set_before_registration_returns_is_kept(api, agents):
+    """The controller manager gives the podCIDR as soon as the Node exists;
+    the watch may bring that update before register() knows the new
+    Node's uid.  It must not be lost (pods would wait for it for minutes)."""
+    a = agents(start=False)
+    create = a.core.create_node
+
+    def create_then_allocate(body, **kw):
+        resp = create(body, **kw)
+        made = api.store.get("nodes", "", NAME)
+        made["spec"]["podCIDR"], made["spec"]["podCIDRs"] = "10.9.0.0/24", ["10.9.0.0/24"]
+        a._observe("MODIFIED", api.store.update("nodes", made))
+        return resp
+    a.core.create_node = create_then_allocate
+    a.register()
+    assert a.pod_cidr == "10.9.0.0/24"

@@ -25,7 +25,7 @@ from pufflet.agent import kube
 from pufflet.logs import LogWriter, container_log_dir
 from pufflet.nodeapi import app, auth, logs, tls
 from pufflet.nodeapi.pods import ContainerInfo, PodInfo
-from pufflet.nodeapi.server import Headers, Request
+from pufflet.nodeapi.server import Headers, HTTPError, Request
 
 NODE = "n1"
 UID = "0f0e0d0c-0b0a-0908-0706-050403020100"
@@ -145,14 +145,37 @@ def test_healthz_with_a_client_certificate(node, api, certs):
     assert get(node, api, "/healthz", certs["admin"])[:2] == (200, b"ok")
 
 
-@pytest.mark.parametrize("which", ["wrong", "expired"])
-def test_bad_client_certificates_are_refused(node, api, certs, which):
-    # TLS 1.3 reports a refused client certificate at the first read.
-    try:
-        status = get(node, api, "/healthz", certs[which])[0]
-    except (ssl.SSLError, ConnectionError, http.client.RemoteDisconnected):
-        return
-    assert status == 401
+@pytest.mark.parametrize("which,alert", [("wrong", "TLSV1_ALERT_UNKNOWN_CA"),
+                                         ("expired", "SSLV3_ALERT_CERTIFICATE_EXPIRED")])
+def test_bad_client_certificates_are_refused(node, api, certs, which, alert):
+    """A certificate that is offered and does not verify fails the
+    handshake with the alert that says why; it never falls back to an
+    anonymous request."""
+    n = sar_count(api)
+    key, crt = certs[which]
+    port = node._listener.getsockname()[1]
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = ssl.create_default_context(cafile=str(api.ca.cert))
+        ctx.load_cert_chain(str(crt), str(key))
+        ctx.minimum_version = ctx.maximum_version = version
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            if version == ssl.TLSVersion.TLSv1_2:
+                # The server's verdict comes before the handshake ends.
+                with pytest.raises(ssl.SSLError) as e:
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+                assert e.value.reason == alert
+                continue
+            # TLS 1.3: the client is done first and learns it at its next
+            # read or write (the alert, or EOF if the write comes later).
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                t = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+                t.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                got = t.recv(4096)
+                assert not got, f"answered: {got[:40]!r}"
+                raise ConnectionError("closed without an answer")
+    assert sar_count(api) == n
+    # The same client with a good certificate gets in.
+    assert get(node, api, "/healthz", certs["admin"])[0] == 200
 
 
 def test_forbidden_by_subject_access_review(node, api, certs):
@@ -195,6 +218,105 @@ def test_decisions_and_tokens_are_cached(node, api, certs):
     assert token_reviews(api) - t == 2      # the refusal is cached too
 
 
+class _Peer:
+    def __init__(self, cert: dict | None) -> None:
+        self.cert = cert
+
+    def getpeercert(self) -> dict | None:
+        return self.cert
+
+
+def _request(method: str = "GET", token: str | None = None, cert: dict | None = None) -> Request:
+    req = Request.__new__(Request)
+    req.method = method
+    req.headers = Headers([("Authorization", f"Bearer {token}")] if token else [])
+    req._conn = type("C", (), {"sock": _Peer(cert)})()
+    return req
+
+
+def test_gate_cache_lifetimes_and_errors():
+    """Decisions allowed are kept 5 minutes, denials 30 s, tokens 2 min
+    (refused ones 10 s), as the kubelet's webhook caches; errors of the
+    API server are never kept, and refuse (500 for authorization, 401 for
+    a token that cannot be checked)."""
+    now = [0.0]
+    clock = lambda: now[0]      # noqa: E731
+    calls = {"sar": 0, "tr": 0}
+    answer = {"allowed": True, "error": False}
+
+    def access_review(who, attrs):
+        calls["sar"] += 1
+        assert attrs == {"verb": "get", "resource": "nodes", "subresource": "stats",
+                         "name": NODE, "version": "v1", "group": ""}
+        if answer["error"]:
+            raise auth.ReviewError("API server down")
+        return auth.Decision(answer["allowed"])
+
+    def token_review(token):
+        calls["tr"] += 1
+        if answer["error"]:
+            raise auth.ReviewError("API server down")
+        return auth.Identity("bob", ("devs",)) if token == "good" else None
+    g = auth.Gate(NODE, token_review, access_review, tokens=auth.TTLCache(clock=clock),
+                  decisions=auth.TTLCache(clock=clock))
+
+    def status(token="good"):
+        try:
+            g.check(_request(token=token), "stats")
+        except HTTPError as e:
+            return e.status
+        return 200
+    assert status() == 200 and calls == {"sar": 1, "tr": 1}
+    now[0] = 119.0
+    assert status() == 200 and calls == {"sar": 1, "tr": 1}     # both cached
+    now[0] = 121.0
+    assert status() == 200 and calls == {"sar": 1, "tr": 2}     # token asked again
+    now[0] = 299.0
+    assert status() == 200 and calls["sar"] == 1
+    answer["allowed"] = False
+    now[0] = 301.0
+    assert status() == 403 and calls["sar"] == 2                # allow expired at 300 s
+    now[0] = 330.0
+    assert status() == 403 and calls["sar"] == 2                # deny kept 30 s
+    answer["allowed"] = True
+    now[0] = 332.0
+    assert status() == 200 and calls["sar"] == 3
+    # a refused token: kept 10 s
+    assert status("bad") == 401 and calls["tr"] == 4
+    now[0] = 341.0
+    assert status("bad") == 401 and calls["tr"] == 4
+    now[0] = 343.0
+    assert status("bad") == 401 and calls["tr"] == 5
+    # the API server fails: refused, and nothing cached
+    answer["error"] = True
+    g.decisions = auth.TTLCache(clock=clock)
+    assert status() == 500 and status() == 500 and calls["sar"] == 5
+    assert status("other") == 401 and status("other") == 401 and calls["tr"] == 7
+    # a verified client certificate needs no token review
+    answer["error"] = False
+    cert = {"subject": ((("organizationName", "system:masters"),),
+                        (("commonName", "admin"),))}
+    req = _request(cert=cert)
+    g.check(req, "stats")
+    assert (req.user, req.groups, calls["tr"]) == ("admin", ("system:masters",), 7)
+    # no credentials at all: 401 before any review
+    with pytest.raises(HTTPError) as e:
+        g.check(_request(), "stats")
+    assert e.value.status == 401 and calls["sar"] == 6
+
+
+def test_access_review_names_this_node(node, api, certs):
+    """The SubjectAccessReview is about this node: a grant on another
+    node's stats does not open ours."""
+    api.allow("scraper", "get", "nodes/stats", name="other-node")
+    assert get(node, api, "/stats/summary", certs["stats"])[0] == 403
+    api.allow("scraper", "get", "nodes/stats", name=NODE)
+    node.gate_.decisions = auth.TTLCache()      # the 403 is cached for 30 s
+    assert get(node, api, "/stats/summary", certs["stats"])[0] == 200
+    # and about that subresource only
+    assert get(node, api, "/metrics/resource", certs["stats"])[0] == 403
+
+
 def test_cache_expiry():
     now = [0.0]
     c = auth.TTLCache(size=2, clock=lambda: now[0])
@@ -219,6 +341,7 @@ def test_cache_expiry():
     ("POST", "/exec/default/web/app", "proxy", "create"),
     ("GET", "/exec/default/web/app", "proxy", "get"),
     ("POST", "/portForward/default/web", "proxy", "create"),
+    ("POST", "/attach/default/web/app", "proxy", "create"),
     ("POST", "/run/default/web/app", "proxy", "create"),
 ])
 def test_subresource_mapping(node, api, certs, method, path, sub, verb):

@@ -329,3 +329,45 @@ def test_resolv_conf_written_into_the_pod_root(env):
         "search shop.svc.cluster.local svc.cluster.local cluster.local\n"
         "options ndots:5\n")
     p.call("RemovePod", {"pod_uid": POD_A})
+
+
+@pytest.mark.parametrize("after", [0, 1, 2, 4])
+def test_crash_halfway_through_create_is_cleaned_on_restart(env, after):
+    """The parent dies in CreatePod's network setup, `after` steps into the
+    pod's plan (0: the allocation is written, nothing made yet): the next
+    start releases the allocation and removes what was made, and a live
+    pod keeps its own."""
+    p = env.priv()
+    env.create(p, POD_A)
+    p.stop()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            net = podnet.PodNetworks(env.cfg.state_dir, CIDR, backend=backend())
+            real, n = net.backend.run, 0
+
+            def run(step):
+                nonlocal n
+                if n == after:
+                    os._exit(9)         # no rollback: the process is gone
+                real(step)
+                n += 1
+            net.backend.run = run
+            net.setup(POD_GONE, None, [netplan.HostPort(18090, 80)])
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+    assert POD_GONE in table(env)["pods"]
+    made = os.path.exists(L.netns_path(NAMES.netns(POD_GONE)))
+    assert made == (after >= 1)
+    p2 = env.priv()
+    assert set(table(env)["pods"]) == {POD_A}
+    assert not os.path.exists(L.netns_path(NAMES.netns(POD_GONE)))
+    assert NAMES.veth(POD_GONE) not in sh("ip", "-o", "link", "show")
+    assert os.path.exists(L.netns_path(NAMES.netns(POD_A)))
+    # The released address goes to the next pod; nothing stands in its way.
+    env.create(p2, POD_B)
+    p2.call("RemovePod", {"pod_uid": POD_B})
+    p2.call("RemovePod", {"pod_uid": POD_A})
+    assert wait_clean() == []

@@ -364,6 +364,86 @@ def test_env_from_config_map(admin, manager):
     assert p["status"]["phase"] == "Succeeded", p["status"]
 
 
+def test_config_maps_read_once_for_pods_starting_together(admin, manager, api):
+    """A ConfigMap two pods mount, and kube-root-ca.crt (in every pod's
+    service account volume), are read once for pods starting within
+    OBJECT_TTL of each other, and again after it (once: the read that
+    overlaps CreatePod serves the volumes made after it)."""
+    admin.create_namespaced_config_map("default", {"metadata": {"name": "shared"},
+                                                   "data": {"k": "v"}})
+    m = manager()
+
+    def reads(name):
+        return sum(1 for r in api.request_log
+                   if r.verb == "get" and r.path.endswith(f"/configmaps/{name}")
+                   and r.user == f"system:node:{NODE}")
+
+    def start(name):
+        c = {"name": "c", "command": ["/bin/sh", "-c", "test -r /etc/cfg/k && sleep 60"],
+             "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"}]}
+        create(admin, pod(name, c, grace=0,
+                          volumes=[{"name": "cfg", "configMap": {"name": "shared"}}]))
+
+    start("share-a")
+    start("share-b")
+    for name in ("share-a", "share-b"):
+        wait_pod(admin, name, lambda p: p["status"].get("phase") == "Running")
+    assert (reads("shared"), reads("kube-root-ca.crt")) == (1, 1)
+    with m.lock:
+        m._objects.clear()      # as OBJECT_TTL later
+    start("share-c")
+    wait_pod(admin, "share-c", lambda p: p["status"].get("phase") == "Running")
+    assert (reads("shared"), reads("kube-root-ca.crt")) == (2, 2)
+
+
+def test_volume_reads_overlap_create_pod(admin, manager, api, monkeypatch):
+    """The service account token (and kube-root-ca.crt) are asked for
+    while the parent builds the pod root, not after it: here CreatePod
+    waits until the TokenRequest has reached the API server."""
+    real = Runtime.create_pod
+    overlapped = []
+
+    def token_asked():
+        return any(r.verb == "create" and r.path.endswith("/token") for r in api.request_log)
+
+    def create_pod(self, req):
+        overlapped.append(wait_until(token_asked, 10, 0.01))
+        return real(self, req)
+    monkeypatch.setattr(Runtime, "create_pod", create_pod)
+    manager()
+    create(admin, pod("overlap", ("c", "sleep 60"), grace=0))
+    wait_pod(admin, "overlap", lambda p: p["status"].get("phase") == "Running")
+    assert overlapped == [True]
+
+
+def test_one_time_event_logged_once(admin, manager, caplog):
+    # The node has no podCIDR: one NoPodCIDR event, and one log line of it.
+    caplog.set_level(logging.INFO, logger="pufflet.agent")
+    manager()
+    create(admin, pod("nocidr", ("c", "sleep 60"), grace=0))
+    wait_pod(admin, "nocidr", lambda p: p["status"].get("phase") == "Running")
+    wait_event(admin, "nocidr", lambda e: e[1] == "NoPodCIDR")
+    assert sum("NoPodCIDR" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_volume_files_made_once_the_pod_address_is_known(admin, manager, monkeypatch):
+    """The reads overlap CreatePod, the files do not: a downward API
+    status.podIP is the address CreatePod gave (here a made-up one, as
+    the Linux twin's pod networks are not set up in this test)."""
+    real = Runtime.create_pod
+
+    def create_pod(self, req):
+        return {**real(self, req), "pod_ip": "10.1.2.3"}
+    monkeypatch.setattr(Runtime, "create_pod", create_pod)
+    manager()
+    c = {"name": "c", "command": ["/bin/sh", "-c", 'test "$(cat /etc/info/ip)" = 10.1.2.3'],
+         "volumeMounts": [{"name": "info", "mountPath": "/etc/info"}]}
+    create(admin, pod("podip", c, restart="Never", volumes=[{"name": "info", "downwardAPI": {
+        "items": [{"path": "ip", "fieldRef": {"fieldPath": "status.podIP"}}]}}]))
+    p = wait_pod(admin, "podip", lambda p: p["status"].get("phase") in ("Succeeded", "Failed"))
+    assert p["status"]["phase"] == "Succeeded", p["status"]
+
+
 def test_delete_stops_and_deletes_with_grace_zero(admin, manager, api, parent):
     manager()
     script = 'trap "exit 0" TERM; while :; do sleep 0.1; done'

@@ -354,6 +354,23 @@ def test_remove_pod_leaves_nothing(env):
     p.call("RemovePod", {"pod_uid": POD_A})      # idempotent
 
 
+def test_image_use_noted_at_most_once_a_minute(env, monkeypatch):
+    """The image GC's LRU stamp: written at the first use, not again for
+    every pod of a burst (each write rewrites the store's table)."""
+    from pufflet.priv import pods as privpods
+    p = env.priv()
+    before = time.time()
+    create(p, env)
+    first = env.store.get(env.img).last_used
+    assert first >= before
+    create(p, env, pod=POD_B, name="other")
+    start(p, env, ["/bin/sh", "-c", "exit 0"], pod=POD_B)
+    assert env.store.get(env.img).last_used == first
+    monkeypatch.setattr(privpods, "TOUCH_EVERY", 0.0)
+    start(p, env, ["/bin/sh", "-c", "exit 0"], pod=POD_B, name="d")
+    assert env.store.get(env.img).last_used > first
+
+
 # -- volumes -----------------------------------------------------------------------
 
 def set_volume(p, name, kind, files=(), writable=True, **kw):

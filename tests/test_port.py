@@ -30,6 +30,7 @@ PORT_OF = {
     "pyyaml": "textproc/py-yaml",
     "pytest-forked": "devel/py-test-forked",
     "hypothesis": "devel/py-hypothesis",
+    "prometheus-client": "sysutils/py-prometheus_client",
 }
 
 

@@ -79,3 +79,11 @@ def test_written_file_is_plain_json(tmp_path):
     statefile.write_json(str(p), {"pods": {"a": 1}})
     assert json.loads(p.read_text()) == {"pods": {"a": 1}}
     assert p.read_text().endswith("\n")
+
+
+def test_written_compact_on_one_line(tmp_path):
+    # Compact is what lets json use its C encoder (see write_json): the
+    # pod table is rewritten whole at every container start and exit.
+    p = tmp_path / "state.json"
+    statefile.write_json(str(p), {"pods": {"b": [1, 2], "a": {"x": None}}})
+    assert p.read_text() == '{"pods":{"a":{"x":null},"b":[1,2]}}\n'

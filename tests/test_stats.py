@@ -1,8 +1,8 @@
 """Stats: real pods burning real CPU, accounted by the parent's GetStats
 through a real privsep channel; the agent's Summary and Prometheus text
-checked field by field (the text by a parser written here from the
-exposition format's spec, independent of ours); the OpenBSD sysctl calls
-and struct layout golden."""
+checked field by field (the text by the Prometheus project's own parser,
+prometheus_client, independent of ours); the OpenBSD sysctl calls and
+struct layout golden."""
 
 import ctypes
 import errno
@@ -13,6 +13,7 @@ import struct
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from test_pods_priv import (POD_A, UID_HI, create, env, layers, reaper,  # noqa: F401
                             start, wait_for)
@@ -65,6 +66,32 @@ def test_burning_container_counted_apart_from_an_idle_one(env):
     assert n["cpu_usage_ns"] > a["node"]["cpu_usage_ns"]
     assert 0 < n["memory_working_set_bytes"] <= n["memory_total_bytes"]
     assert n["memory_available_bytes"] == n["memory_total_bytes"] - n["memory_working_set_bytes"]
+
+    # What metrics-server and kubectl top get from these real figures.
+    # usageNanoCores is a rate: two samples, (a then b), 0.3 s apart.
+    pending, clock = [a, b], Clock()
+    src = nstats.StatsSource(lambda: pending.pop(0), "n", lambda uid: ("default", "web"), clock)
+    src.sample()
+    clock.t = nstats.MIN_INTERVAL
+    summ = json.loads(nstats.summary_response(src, {"only_cpu_and_memory": ["true"]})[2])
+    by = {c["name"]: c for c in summ["pods"][0]["containers"]}
+    # the busy loop: a good part of one core and not more (tick rounding aside)
+    assert 100_000_000 < by["burn"]["cpu"]["usageNanoCores"] <= 1_100_000_000
+    assert by["idle"]["cpu"]["usageNanoCores"] < 100_000_000
+    assert summ["node"]["cpu"]["usageNanoCores"] >= 0.8 * by["burn"]["cpu"]["usageNanoCores"]
+    assert summ["pods"][0]["cpu"]["usageNanoCores"] >= by["burn"]["cpu"]["usageNanoCores"]
+    for m in (summ["node"]["memory"], summ["pods"][0]["memory"], by["burn"]["memory"],
+              by["idle"]["memory"]):
+        assert m["workingSetBytes"] > 0
+    # /metrics/resource: no zero for a live container, or metrics-server
+    # drops its whole pod
+    got = samples(nstats.resource_metrics(b, lambda uid: ("default", "web")))
+    for c in ("burn", "idle"):
+        lab = {"container": c, "pod": "web", "namespace": "default"}
+        for name in ("container_cpu_usage_seconds_total", "container_memory_working_set_bytes",
+                     "container_start_time_seconds"):
+            (v,) = [x[2] for x in got if x[0] == name and x[1] == lab]
+            assert v > 0, (name, c)
 
 
 def test_child_counted_and_exited_cpu_kept(env):
@@ -305,107 +332,51 @@ def test_summary_falls_back_to_the_parents_names_and_reports_errors():
     status, _, body = nstats.summary_response(nstats.StatsSource(boom, "n"), {})
     assert status == 500 and b"parent gone" in body
     text = nstats.resource_response(nstats.StatsSource(boom, "n"))[2].decode()
-    assert [s for s in parse_exposition(text)["samples"]] == [("resource_scrape_error", {}, 1.0, None)]
+    assert families(text)["resource_scrape_error"] == (
+        "gauge", "[STABLE] 1 if there was an error while getting container metrics, 0 otherwise",
+        [("resource_scrape_error", {}, 1.0, None)])
 
 
-# ---- an independent parser of the text format ------------------------------------
-# Written from the exposition format description (Prometheus docs, "Exposition
-# formats", text format 0.0.4): lines separated by \n; "# HELP name docstring"
-# and "# TYPE name type" (counter|gauge|histogram|summary|untyped), at most one
-# of each per name and TYPE before the name's first sample; other "#" lines are
-# comments; a sample is  name [{label="value",...}] value [timestamp]  where the
-# value is a Go float (NaN, +Inf, -Inf too) and the timestamp an int64 of ms;
-# label values escape \\, \" and \n; every line, the last too, ends with \n.
+# ---- Prometheus text, read by the Prometheus project's own Python parser -----------
+# prometheus_client is laxer than Prometheus' Go parser: a sample before its
+# family's TYPE line, or a family declared twice, does not fail; it comes
+# out as an extra (untyped) family.  So every test compares whole families,
+# and families() refuses a name seen twice.
 
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = r"[a-zA-Z_][a-zA-Z0-9_]*"
-
-
-def _value(s):
-    if s in ("NaN", "+Inf", "-Inf", "Inf"):
-        return float(s.replace("Inf", "inf").replace("NaN", "nan"))
-    if not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s):
-        raise ValueError(f"bad value {s!r}")
-    return float(s)
+def families(text: str) -> dict[str, tuple[str, str, list[tuple[str, dict, float, float | None]]]]:
+    """{family name: (type, help, [(sample name, labels, value, timestamp s)])}.
+    Counters lose their _total in the family name, as the parser has it."""
+    assert text.endswith("\n"), "the last line must end with a newline"
+    out: dict = {}
+    for f in text_string_to_metric_families(text):
+        assert f.name not in out, f"family {f.name} declared twice or split"
+        out[f.name] = (f.type, f.documentation,
+                       [(x.name, x.labels, x.value, x.timestamp) for x in f.samples])
+    return out
 
 
-def _labels(s, i):
-    """Parse from just after '{'; returns (labels, index after '}')."""
-    out = {}
-    while True:
-        if s[i] == "}":
-            return out, i + 1
-        m = re.compile(_LABEL).match(s, i)
-        assert m, f"label name at {s[i:]!r}"
-        name, i = m.group(), m.end()
-        assert s[i:i + 2] == '="', f"want =\" at {s[i:]!r}"
-        i += 2
-        v = []
-        while s[i] != '"':
-            if s[i] == "\\":
-                v.append({"\\": "\\", '"': '"', "n": "\n"}[s[i + 1]])
-                i += 2
-            else:
-                v.append(s[i])
-                i += 1
-        assert name not in out, f"label {name} twice"
-        out[name] = "".join(v)
-        i += 1
-        if s[i] == ",":
-            i += 1
-
-
-def parse_exposition(text):
-    assert text.endswith("\n")
-    help_, types, samples, seen_samples = {}, {}, [], set()
-    for line in text[:-1].split("\n"):
-        if not line.strip():
-            continue
-        if line.startswith("#"):
-            parts = line.split(None, 3)
-            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                name = parts[2]
-                assert re.fullmatch(_NAME, name)
-                if parts[1] == "HELP":
-                    assert name not in help_
-                    help_[name] = parts[3] if len(parts) > 3 else ""
-                else:
-                    assert name not in types and name not in seen_samples, "TYPE after samples"
-                    assert parts[3] in ("counter", "gauge", "histogram", "summary", "untyped")
-                    types[name] = parts[3]
-            continue
-        m = re.compile(_NAME).match(line)
-        assert m, line
-        name, i = m.group(), m.end()
-        labels = {}
-        if i < len(line) and line[i] == "{":
-            labels, i = _labels(line, i + 1)
-        rest = line[i:].split()
-        assert line[i] == " " and 1 <= len(rest) <= 2, line
-        ts = int(rest[1]) if len(rest) == 2 else None
-        samples.append((name, labels, _value(rest[0]), ts))
-        seen_samples.add(name)
-    return {"help": help_, "types": types, "samples": samples}
+def samples(text: str) -> list[tuple[str, dict, float, float | None]]:
+    return [x for _, _, xs in families(text).values() for x in xs]
 
 
 def test_resource_metrics_parse_and_match_the_kubelets_series():
     src = nstats.StatsSource(lambda: sample(1_700_001_000.123, 5 * 10**12, 0, 0), "n",
-                             lambda uid: ("default", 'we"b\\x'))
+                             lambda uid: ("default", 'we"b\\n'))
     status, ctype, body = nstats.resource_response(src)
     assert status == 200 and ctype == "text/plain; version=0.0.4; charset=utf-8"
-    got = parse_exposition(body.decode())
-    assert got["types"] == {
-        "container_cpu_usage_seconds_total": "counter",
+    got = families(body.decode())
+    assert {name: f[0] for name, f in got.items()} == {
+        "container_cpu_usage_seconds": "counter",
         "container_memory_working_set_bytes": "gauge",
         "container_start_time_seconds": "gauge",
-        "node_cpu_usage_seconds_total": "counter", "node_memory_working_set_bytes": "gauge",
-        "pod_cpu_usage_seconds_total": "counter", "pod_memory_working_set_bytes": "gauge",
+        "node_cpu_usage_seconds": "counter", "node_memory_working_set_bytes": "gauge",
+        "pod_cpu_usage_seconds": "counter", "pod_memory_working_set_bytes": "gauge",
         "resource_scrape_error": "gauge"}
-    assert all(h.startswith("[STABLE] ") for h in got["help"].values())
-    ts = 1_700_001_000_123
-    lab = {"container": "a", "pod": 'we"b\\x', "namespace": "default"}
-    plab = {"pod": 'we"b\\x', "namespace": "default"}
-    assert got["samples"] == [
+    assert all(f[1].startswith("[STABLE] ") for f in got.values())
+    ts = 1_700_001_000.123
+    lab = {"container": "a", "pod": 'we"b\\n', "namespace": "default"}
+    plab = {"pod": 'we"b\\n', "namespace": "default"}
+    assert [x for _, _, xs in got.values() for x in xs] == [
         ("container_cpu_usage_seconds_total", lab, 1e-9, ts),   # 0 read: 1 ns, see module
         ("container_memory_working_set_bytes", lab, 8192.0, ts),
         ("container_start_time_seconds", lab, 1_700_000_100.25, None),
@@ -415,12 +386,12 @@ def test_resource_metrics_parse_and_match_the_kubelets_series():
         ("pod_memory_working_set_bytes", plab, 8192.0, ts),
         ("resource_scrape_error", {}, 0.0, None)]
     # metrics-server's rule: uint64(value * 1e9) must not be 0
-    assert all(int(v * 1e9) > 0 for n, _, v, _ in got["samples"] if "cpu" in n)
+    assert all(int(v * 1e9) > 0 for n, _, v, _ in samples(body.decode()) if "cpu" in n)
 
 
 def test_container_without_live_processes_is_left_out():
     text = nstats.resource_metrics(sample(1.0e9, 10**9, 10**9, 10**9, procs=0, mem=0))
-    names = {n for n, *_ in parse_exposition(text)["samples"]}
+    names = {n for n, *_ in samples(text)}
     assert names == {"node_cpu_usage_seconds_total", "node_memory_working_set_bytes",
                      "resource_scrape_error"}
 
@@ -429,11 +400,12 @@ def test_own_metrics_and_routes():
     reqs = nstats.RequestCounter()
     reqs.inc("GET", "/stats/summary", 200)
     reqs.inc("GET", "/stats/summary", 200)
-    got = parse_exposition(nstats.own_metrics(reqs))
-    by = {(n, tuple(sorted(l.items()))): v for n, l, v, _ in got["samples"]}
+    got = families(nstats.own_metrics(reqs))
+    by = {(n, tuple(sorted(l.items()))): v for n, l, v, _ in samples(nstats.own_metrics(reqs))}
     assert by[("pufflet_nodeapi_requests_total",
                (("code", "200"), ("method", "GET"), ("route", "/stats/summary")))] == 2
-    assert got["types"]["process_cpu_seconds_total"] == "counter"
+    assert got["process_cpu_seconds"][0] == "counter"
+    assert got["pufflet_nodeapi_requests"][0] == "counter"
     assert 0 < by[("process_start_time_seconds", ())] <= time.time()
     assert by[("pufflet_build_info", (("version", __import__("pufflet").__version__),))] == 1
 
@@ -617,10 +589,16 @@ def test_served_over_https(tmp_path):
         conn.request("GET", "/metrics/resource")
         r = conn.getresponse()
         assert r.status == 200 and r.getheader("Content-Type") == nstats.PROMETHEUS_TEXT
-        got = parse_exposition(r.read().decode())
+        got = samples(r.read().decode())
         assert ("container_cpu_usage_seconds_total",
                 {"container": "a", "pod": "web0", "namespace": "ns0"}, 1.0,
-                1_700_001_000_000) in got["samples"]
+                1_700_001_000.0) in got
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type") == nstats.PROMETHEUS_TEXT
+        own = families(r.read().decode())
+        assert own["pufflet_build_info"][2] == [
+            ("pufflet_build_info", {"version": __import__("pufflet").__version__}, 1.0, None)]
         conn.request("GET", "/stats/summary")
         r = conn.getresponse()
         assert r.status == 200

@@ -151,6 +151,39 @@ def test_busy_uid_not_reused_until_its_processes_are_gone(tmp_path, base):
     assert pool.allocate(pod()) == ua
 
 
+@pytest.mark.parametrize("ids", ["saved uid", "gid"])
+def test_busy_counts_every_id(base, ids):
+    """A process holding the uid only as its saved uid (it can switch back
+    to it), or the gid only, makes it busy as much as a real uid does."""
+    other = base + 5
+    assert not uids.proc_busy(base)
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()       # the child waits on it until killed
+    pid = os.fork()
+    if pid == 0:
+        # No exec: execve would copy the effective uid into the saved one.
+        try:
+            if ids == "saved uid":
+                os.setresgid(other, other, other)
+                os.setresuid(other, other, base)
+            else:
+                os.setgroups([])
+                os.setresgid(base, base, base)
+                os.setresuid(other, other, other)
+            os.write(ready_w, b"x")
+            os.read(hold_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        assert uids.proc_busy(base)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, hold_r, hold_w):
+            os.close(fd)
+    assert not uids.proc_busy(base)
+
 def test_uids_outside_a_changed_range_stay_taken(tmp_path, base):
     path = str(tmp_path / "u.json")
     pool = UidPool(path, base, base + 9, busy=never_busy)

@@ -101,18 +101,25 @@ def _signed(csr: dict) -> str | None:
 
 def request_certificate(api: k8s.ApiClient, csr_pem: str,
                         stop: threading.Event | None = None,
-                        wait: float = CSR_WAIT) -> str:
-    """Submit csr_pem as a CertificateSigningRequest and return the PEM the
-    signer issues.  Raises BootstrapError if it is denied, fails or takes
-    longer than wait seconds, ApiException for the API server's refusals."""
+                        wait: float = CSR_WAIT, *, signer: str = SIGNER,
+                        usages: list[str] = USAGES, generate_name: str = "node-csr-",
+                        submitted: Callable[[str], None] | None = None) -> str:
+    """Submit csr_pem as a CertificateSigningRequest for signer and return
+    the PEM the signer issues.  submitted(name) is called once it is
+    created (to say who must approve it).  Raises BootstrapError if it is
+    denied, fails or takes longer than wait seconds, ApiException for the
+    API server's refusals."""
     certs = CertificatesV1Api(api)
     body = {"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
-            "metadata": {"generateName": "node-csr-"},
+            "metadata": {"generateName": generate_name},
             "spec": {"request": base64.b64encode(csr_pem.encode()).decode(),
-                     "signerName": SIGNER, "usages": USAGES}}
+                     "signerName": signer, "usages": list(usages)}}
     resp = certs.create_certificate_signing_request(body, _preload_content=False)
     name = json.loads(resp.data)["metadata"]["name"]
-    log.info("certificate signing request %s submitted; waiting for approval", name)
+    if submitted is not None:
+        submitted(name)
+    else:
+        log.info("certificate signing request %s submitted; waiting for approval", name)
     deadline = time.monotonic() + wait
     while stop is None or not stop.is_set():
         left = deadline - time.monotonic()
@@ -157,7 +164,7 @@ def _obtain(priv: Client, api: k8s.ApiClient, stop: threading.Event | None,
     return out["not_before"], out["not_after"]
 
 
-def _why(e: Exception) -> str:
+def describe_failure(e: Exception) -> str:
     if isinstance(e, (BootstrapError, Status)):
         return str(e)
     if isinstance(e, ApiException):
@@ -194,7 +201,7 @@ def ensure_client_credentials(cfg: Config, priv: Client, *,
                 if stop is not None and stop.is_set():
                     break
                 d = backoff.delay()
-                log.error("TLS bootstrap: %s; retrying in %.0fs", _why(e), d)
+                log.error("TLS bootstrap: %s; retrying in %.0fs", describe_failure(e), d)
                 if stop is not None:
                     stop.wait(d)
                 else:
@@ -261,7 +268,7 @@ class Rotator(threading.Thread):
                 if self.stop.is_set():
                     return
                 d = self.backoff.delay()
-                log.error("certificate renewal: %s; retrying in %.0fs", _why(e), d)
+                log.error("certificate renewal: %s; retrying in %.0fs", describe_failure(e), d)
                 self.stop.wait(d)
                 continue
             finally:

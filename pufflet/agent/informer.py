@@ -32,6 +32,8 @@ WATCH_MIN, WATCH_MAX = 300.0, 600.0
 
 
 class PodInformer:
+    what = "pods"       # for the log
+
     def __init__(self, core: k8s.CoreV1Api, node: str,
                  on_change: Callable[[str, dict | None], None],
                  stop: threading.Event) -> None:
@@ -48,7 +50,7 @@ class PodInformer:
         self._last_error: str | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pod-informer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{self.what}-informer", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -67,6 +69,10 @@ class PodInformer:
         with self.lock:
             return list(self.pods.values())
 
+    def _list(self, **kw: Any) -> Any:
+        """The list or watch call; NodeInformer (agent/podroutes.py) lists Nodes."""
+        return self.core.list_pod_for_all_namespaces(field_selector=self.selector, **kw)
+
     # -- the loop ----------------------------------------------------------
 
     def _run(self) -> None:
@@ -80,21 +86,20 @@ class PodInformer:
                 self._last_error = None
             except Exception as e:     # noqa: BLE001 - logged, retried
                 if kube.status_of(e) == 410:
-                    log.info("pod watch expired; listing again")
+                    log.info("%s watch expired; listing again", self.what)
                     self.rv = None
                     continue
                 if self.stop.is_set():
                     return
                 msg = kube.describe(e)
                 if msg != self._last_error:
-                    log.warning("watching pods: %s; retrying", msg)
+                    log.warning("watching %s: %s; retrying", self.what, msg)
                 self._last_error = msg
                 self.stop.wait(backoff.next())
 
     def _relist(self) -> None:
-        resp = self.core.list_pod_for_all_namespaces(
-            field_selector=self.selector, _preload_content=False,
-            _request_timeout=(kube.CONNECT_TIMEOUT, 60))
+        resp = self._list(_preload_content=False,
+                          _request_timeout=(kube.CONNECT_TIMEOUT, 60))
         doc = json.loads(resp.data)
         fresh = {p["metadata"]["uid"]: p for p in doc.get("items") or ()}
         with self.lock:
@@ -111,8 +116,8 @@ class PodInformer:
 
     def _watch(self) -> None:
         timeout = int(random.uniform(WATCH_MIN, WATCH_MAX))
-        resp = self.core.list_pod_for_all_namespaces(
-            field_selector=self.selector, watch=True, resource_version=self.rv,
+        resp = self._list(
+            watch=True, resource_version=self.rv,
             allow_watch_bookmarks=True, timeout_seconds=timeout,
             _preload_content=False, _request_timeout=(kube.CONNECT_TIMEOUT, timeout + 30))
         self._resp = resp
@@ -126,7 +131,8 @@ class PodInformer:
                 kind, obj = ev.get("type"), ev.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
-                        log.info("pod watch: %s; listing again", obj.get("message", "gone"))
+                        log.info("%s watch: %s; listing again", self.what,
+                                 obj.get("message", "gone"))
                         self.rv = None
                         return
                     raise RuntimeError(obj.get("message", "watch error"))

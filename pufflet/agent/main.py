@@ -110,7 +110,7 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
         # this module and must never load the kubernetes client; and now,
         # before the drop and the sandbox, while its files are readable.
         import encodings.idna  # noqa: F401 - for a DNS name in a server URL
-        from pufflet.agent import bootstrap, kube, node
+        from pufflet.agent import bootstrap, kube, node, podroutes, servingcert
     # The pod workers, in every mode: static pods run standalone too.  Like
     # everything the agent uses, imported before the drop.
     from pufflet.agent import pods
@@ -195,6 +195,14 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
                                api.configuration.host, stop,
                                lambda: client.call("ListImages", {}).body["images"])
         agent.start()
+    keeper = None
+    if api is not None and cfg.pod_routes:
+        # Routes to other nodes' pods (agent/podroutes.py).
+        keeper = podroutes.RouteKeeper(
+            api, cfg.node_name, cfg.pod_routes,
+            lambda routes: client.call("SetPodRoutes", {"routes": routes},
+                                       timeout=120).body, stop)
+        keeper.start()
     manager = pods.PodManager(
         cfg, Runtime(client, None, stop), images, api=api,
         node_uid=(lambda: agent.uid) if agent is not None else (lambda: None),
@@ -206,15 +214,29 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     if prepared is not None:
         lookup, listing = nodeapi_pods.from_manager(manager)
 
+        address = _cached(lambda: cfg.node_address or (
+            agent.address() if agent is not None else None), 30.0)
+
         def serving_cert() -> None:
-            addr = cfg.node_address or (agent.address() if agent is not None else None)
+            addr = address()
             client.call("GetServingCert", {"addresses": [addr] if addr else []})
+
+        def csr_cert_usable() -> bool:
+            return servingcert.usable(servingcert.info(client), time.time())
         try:
-            server = nodeapi.start(cfg, prepared, api, serving_cert, lookup, listing)
+            ctx, serving = nodeapi.initial_context(cfg, prepared, serving_cert, csr_cert_usable)
+            server = nodeapi.start(cfg, prepared, api, ctx, lookup, listing)
         except (OSError, ValueError, Status) as e:
             log.error("node API: %s", e)
             manager.close()
             return 1
+        if cfg.tls_csr and api is not None:
+            # 'tls certificate csr' needs a kubeconfig (config.py), so api
+            # is None only when TLS bootstrap was stopped.
+            servingcert.ServingRotator(
+                client, api, lambda: [a] if (a := address()) else [],
+                lambda: nodeapi.reload_csr_cert(cfg, prepared, server), stop,
+                serving=serving).start()
         # kubectl top: /stats/summary and /metrics/resource from the
         # parent's accounting, sampled in the background too so that CPU
         # of processes that end between scrapes is not missed.
@@ -238,6 +260,8 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     if server is not None:
         server.close()
     manager.close()
+    if keeper is not None:
+        keeper.close()
     if agent is not None:
         agent.close()
     client.close()

@@ -332,6 +332,10 @@ class NodeAgent:
         # has none (the controller manager allocates it, if at all, after
         # registration: the watch brings it).
         self.pod_cidr: str | None = None
+        # (uid, podCIDR) of the last ADDED/MODIFIED event of a Node of our
+        # name: the watch may see the controller manager set the podCIDR
+        # before register() has learnt the new Node's uid.
+        self._seen_cidr: tuple[str, str] | None = None
         self.previous: dict[str, dict] = {}  # conditions last posted
         self.posted_key: str | None = None
         self.posted_at = 0.0
@@ -421,7 +425,9 @@ class NodeAgent:
         with self.lock:
             self.uid = node["metadata"]["uid"]
             self.gone = False
-            self.pod_cidr = (node.get("spec") or {}).get("podCIDR") or ""
+            uid, seen = self.uid, self._seen_cidr
+            self.pod_cidr = (seen[1] if seen is not None and seen[0] == uid and seen[1]
+                             else (node.get("spec") or {}).get("podCIDR") or "")
             # Keep the transition times the Node already has.
             self.previous = {c["type"]: c for c in
                              (node.get("status") or {}).get("conditions") or ()}
@@ -538,6 +544,8 @@ class NodeAgent:
     def _observe(self, kind: str | None, obj: dict) -> None:
         uid = (obj.get("metadata") or {}).get("uid")
         with self.lock:
+            if kind in ("ADDED", "MODIFIED") and uid:
+                self._seen_cidr = (uid, (obj.get("spec") or {}).get("podCIDR") or "")
             if kind in ("ADDED", "MODIFIED") and uid == self.uid:
                 cidr = (obj.get("spec") or {}).get("podCIDR") or ""
                 if cidr != self.pod_cidr:

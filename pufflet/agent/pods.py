@@ -30,7 +30,8 @@ seconds (10 s; the kubelet's syncFrequency is 1 min, but pufflet's sync
 is cheap and a short resync bounds how stale a missed event can make the
 status); files volumes are re-read every VOLUME_REFRESH (60 s, about what
 the kubelet's configMap cache gives) and service account tokens at 80 %
-of their life.
+of their life; a ConfigMap or Secret read for one pod serves the others
+for OBJECT_TTL (5 s), so a burst of pods reads each object once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ import logging
 import re
 import threading
 import time
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -77,6 +80,11 @@ KILL_WAIT = 5.0
 TOKEN_DEFAULT_TTL = 3600
 # Services are listed again after this long (the kubelet watches them).
 SERVICES_TTL = 30.0
+# ConfigMaps and Secrets read for one pod serve the others of its
+# namespace for this long: thirty pods of a ReplicaSet starting at once
+# read their kube-root-ca.crt once, not thirty times (the kubelet shares
+# one watch per object among its pods).  Short next to VOLUME_REFRESH.
+OBJECT_TTL = 5.0
 RESOLV_CONF = "/etc/resolv.conf"
 
 SUCCEEDED, FAILED, RUNNING, PENDING = "Succeeded", "Failed", "Running", "Pending"
@@ -197,6 +205,9 @@ class PodManager:
         self.recorder = ev.Recorder(self.core, self.node, self.stop)
         self.prober = probes.Prober(self._exec, self._probe_result)
         self.queue = WorkQueue(self._sync_key, workers=workers)
+        # Volume reads that overlap CreatePod (see _run): a small pool for
+        # every pod, as the queue's.
+        self._early = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pod-volumes")
         self.lock = threading.Lock()
         self.works: dict[str, PodWork] = {}
         self.mirrors: dict[str, dict] = {}      # static uid -> its mirror pod
@@ -208,6 +219,9 @@ class PodManager:
             if cfg.static_pod_dir else None
         self._adopted: dict[str, dict] = {}     # the parent's pods at start
         self._errors: dict[str, str] = {}
+        # (kind, namespace, name) -> (monotonic time read, object); see _Lookups
+        self._objects: dict[tuple[str, str, str], tuple[float, dict]] = {}
+        self._reading: dict[tuple[str, str, str], futures.Future] = {}
 
     # -- starting and stopping ----------------------------------------------
 
@@ -228,6 +242,7 @@ class PodManager:
     def close(self) -> None:
         self.stop.set()
         self.queue.close()
+        self._early.shutdown(wait=False)
         self.prober.close()
         self.recorder.close()
         if self.informer is not None:
@@ -437,7 +452,29 @@ class PodManager:
             req = self._create_request(w, all_specs)
             if req is None:
                 return          # the pod network is not ready: the resync retries
-            w.info = self.runtime.create_pod(req)
+            # The volumes' reads from the API server (a TokenRequest, the
+            # kube-root-ca.crt ConfigMap: ~10 ms) overlap the parent's
+            # building of the pod root instead of following it.  Only the
+            # reads: the files are made after, when the pod's address
+            # (downward API status.podIP) is known.  They land in w.tokens
+            # and the shared object cache, where _volumes finds them.
+            try:
+                early = self._early.submit(self._prepare_volumes, w)
+            except RuntimeError:
+                return          # closing: the pool is shut down
+            try:
+                w.info = self.runtime.create_pod(req)
+            except Status as e:
+                # The kubelet's event for a sandbox it cannot make (a pod
+                # network that cannot be set up, a CIDR that changed).
+                self._event_once(w, ev.WARNING, "FailedCreatePodSandBox",
+                                 f"Failed to create pod sandbox: {e.message}")
+                raise
+            finally:
+                # Waited for even on failure: it writes w.tokens, and the
+                # next sync of this pod must not race it.  What it could
+                # not read, _volumes tries again and reports.
+                futures.wait([early])
             if w.info.get("dev_missing_reason"):
                 log.info("pod %s: no /dev: %s", self._name(w.uid), w.info["dev_missing_reason"])
         if not self._volumes(w):
@@ -546,7 +583,11 @@ class PodManager:
         cidr = None
         if not host_net and self.cfg.pod_network.cidr is None:
             cidr = self.pod_cidr()
-            if cidr is None:
+            # 'pod network from node' said, and a Node that can get one:
+            # no podCIDR yet means not yet (the controller manager
+            # allocates it after registration).
+            if cidr is None or (not cidr and self.cfg.pod_network.from_node
+                                and self.core is not None):
                 self._event_once(w, ev.WARNING, "NetworkNotReady",
                                  "network is not ready: the Node's podCIDR is not "
                                  "known yet")
@@ -591,8 +632,7 @@ class PodManager:
         key = ("once", reason, message)
         if key not in w.events_sent:
             w.events_sent.add(key)
-            self.recorder.event(w.pod, etype, reason, message)
-            log.info("pod %s: %s: %s", self._name(w.uid), reason, message)
+            self.recorder.event(w.pod, etype, reason, message)     # which logs it
 
     def _host_ip(self) -> str:
         return self.host_ip() or "127.0.0.1"
@@ -630,11 +670,35 @@ class PodManager:
         now = time.monotonic()
         if w.volumes_ok and now < w.volumes_due:
             return True
+        prepared = self._prepare_volumes(w)
+        ok = not prepared.failed
+        for name, msg in prepared.failed:
+            self.recorder.event(w.pod, ev.WARNING, "FailedMount",
+                                f'MountVolume.SetUp failed for volume "{name}" : {msg}')
+        for name, req in prepared.requests:
+            key = hashlib.sha256(json.dumps(req, sort_keys=True, default=_bytes_key)
+                                 .encode()).hexdigest()
+            if w.volumes.get(name) == key:
+                continue
+            try:
+                self.runtime.set_volume(req)
+                w.volumes[name] = key
+            except Status as e:
+                ok = False
+                self.recorder.event(w.pod, ev.WARNING, "FailedMount",
+                                    f'MountVolume.SetUp failed for volume "{name}" : {e}')
+        w.volumes_ok = ok
+        w.volumes_due = prepared.due if ok else now + min(self.resync, 5.0)
+        return ok
+
+    def _prepare_volumes(self, w: PodWork) -> "_Prepared":
+        """Every volume's SetVolume request, with what it needs from the
+        API server (tokens, ConfigMaps, Secrets), and when to look again.
+        Touches no PodWork state but w.tokens."""
         spec = w.pod["spec"]
         writable = _writable_volumes(spec)
-        due = now + VOLUME_REFRESH
+        out = _Prepared(due=time.monotonic() + VOLUME_REFRESH)
         lookup = _Lookups(self, w.pod) if self.core is not None else None
-        ok = True
         for vol in spec.get("volumes") or ():
             name = vol["name"]
             req = {"pod_uid": w.uid, "name": name, "writable": name in writable, "files": []}
@@ -649,7 +713,7 @@ class PodManager:
                                host_path=(vol.get("hostPath") or {}).get("path", ""))
                 elif any(k in vol for k in volumedata.FILE_VOLUMES):
                     tokens, refresh = self._tokens(w, vol)
-                    due = min(due, refresh)
+                    out.due = min(out.due, refresh)
                     files = volumedata.volume_files(
                         w.pod, vol, lookup=lookup, tokens=tokens,
                         host_ips=[self._host_ip()], pod_ips=[self._pod_ip(w)],
@@ -657,19 +721,12 @@ class PodManager:
                     req.update(kind="files", writable=False, files=[f.wire() for f in files])
                 else:
                     continue        # admission refused what is not supported
-                key = hashlib.sha256(json.dumps(req, sort_keys=True, default=_bytes_key)
-                                     .encode()).hexdigest()
-                if w.volumes.get(name) != key:
-                    self.runtime.set_volume(req)
-                    w.volumes[name] = key
-            except (volumedata.VolumeError, k8s.ApiException, Status, ValueError) as e:
-                ok = False
-                msg = kube.describe(e) if isinstance(e, k8s.ApiException) else str(e)
-                self.recorder.event(w.pod, ev.WARNING, "FailedMount",
-                                    f'MountVolume.SetUp failed for volume "{name}" : {msg}')
-        w.volumes_ok = ok
-        w.volumes_due = due if ok else now + min(self.resync, 5.0)
-        return ok
+            except (volumedata.VolumeError, k8s.ApiException, ValueError) as e:
+                out.failed.append((name, kube.describe(e) if isinstance(e, k8s.ApiException)
+                                   else str(e)))
+                continue
+            out.requests.append((name, req))
+        return out
 
     def _tokens(self, w: PodWork, vol: dict) -> tuple[dict[str, str], float]:
         """The service account tokens a projected volume needs, by path,
@@ -1075,9 +1132,20 @@ def _exit_state(inst: Instance) -> podstatus.Terminated:
 # ---------------------------------------------------------------------------
 # lookups for env and volumes: ConfigMaps, Secrets, tokens
 
+@dataclass
+class _Prepared:
+    """A pod's SetVolume requests, the volumes that could not be made
+    (name, why), and when (monotonic) to read them all again."""
+    due: float
+    requests: list[tuple[str, dict]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
 class _Lookups:
     """What envvars and volumedata may need from the API server, fetched
-    at most once per sync; standalone, nothing is found."""
+    at most once per sync, and shared with other pods' syncs for
+    OBJECT_TTL (what is missing is asked again: it may come); standalone,
+    nothing is found."""
 
     def __init__(self, mgr: PodManager, pod: dict) -> None:
         self.mgr = mgr
@@ -1090,17 +1158,49 @@ class _Lookups:
         key = (kind, name)
         if key in self._cache:
             return self._cache[key]
-        core = self.mgr.core
         got = None
-        if core is not None:
-            fn = core.read_namespaced_config_map if kind == "configmap" \
-                else core.read_namespaced_secret
+        if self.mgr.core is not None:
+            got = self._shared(kind, name)
+        self._cache[key] = got
+        return got
+
+    def _shared(self, kind: str, name: str) -> dict | None:
+        """The object from the manager's cache, or read once however many
+        syncs ask for it at the same time (the others wait for that read)."""
+        mgr = self.mgr
+        key = (kind, self.ns, name)
+        with mgr.lock:
+            had = mgr._objects.get(key)
+            if had is not None and time.monotonic() - had[0] < OBJECT_TTL:
+                return had[1]
+            reading = mgr._reading.get(key)
+            mine = reading is None
+            if mine:
+                reading = mgr._reading[key] = futures.Future()
+        if not mine:
+            return reading.result()
+        now = time.monotonic()
+        got = None
+        try:
+            fn = mgr.core.read_namespaced_config_map if kind == "configmap" \
+                else mgr.core.read_namespaced_secret
             try:
                 got = json.loads(fn(name, self.ns, _preload_content=False).data)
             except k8s.ApiException as e:
                 if e.status != 404:
                     raise
-        self._cache[key] = got
+        except BaseException as e:
+            reading.set_exception(e)
+            raise
+        finally:
+            with mgr.lock:
+                del mgr._reading[key]
+                if got is not None:
+                    for k in [k for k, (t, _) in mgr._objects.items()
+                              if now - t >= OBJECT_TTL]:
+                        del mgr._objects[k]
+                    mgr._objects[key] = (now, got)
+        reading.set_result(got)
         return got
 
     def __call__(self, kind: str, namespace: str, name: str) -> dict | None:

@@ -71,15 +71,34 @@ def build(cfg: Config, ctx: ssl.SSLContext, g: auth.Gate, pod_lookup: pods.PodLo
     return s
 
 
-def start(cfg: Config, prep: Prepared, api: Any, serving_cert: Callable[[], None],
+def initial_context(cfg: Config, prep: Prepared, serving_cert: Callable[[], None],
+                    csr_cert_usable: Callable[[], bool]) -> tuple[ssl.SSLContext, str]:
+    """The context to start with, and what it serves ("configured",
+    "cluster-issued" or "self-signed").  With 'tls certificate csr', a
+    certificate the cluster issued earlier if it is still valid, else the
+    self-signed one until a new one is issued."""
+    if prep.ctx is not None:
+        return prep.ctx, "configured"
+    if cfg.tls_csr and csr_cert_usable():
+        path = tls.csr_path(cfg)
+        return tls.context(path, path, prep.client_ca), "cluster-issued"
+    serving_cert()
+    path = tls.serving_path(cfg)
+    if cfg.tls_csr:
+        log.info("node API: serving the self-signed certificate until the cluster "
+                 "signs one ('tls certificate csr')")
+    return tls.context(path, path, prep.client_ca), "self-signed"
+
+
+def reload_csr_cert(cfg: Config, prep: Prepared, s: Server) -> None:
+    """Swap the certificate the cluster just issued into the running server."""
+    path = tls.csr_path(cfg)
+    s.set_context(tls.context(path, path, prep.client_ca))
+
+
+def start(cfg: Config, prep: Prepared, api: Any, ctx: ssl.SSLContext,
           pod_lookup: pods.PodLookup, pods_list: pods.PodsList) -> Server:
-    """Listen on 'listen on'.  serving_cert asks the parent for the
-    self-signed certificate when pufflet.conf names none."""
-    ctx = prep.ctx
-    if ctx is None:
-        serving_cert()
-        path = tls.serving_path(cfg)
-        ctx = tls.context(path, path, prep.client_ca)
+    """Listen on 'listen on' with ctx (initial_context)."""
     s = build(cfg, ctx, gate(cfg, api), pod_lookup, pods_list)
     host, port = s.listen(cfg.listen_address, cfg.listen_port)
     s.start()

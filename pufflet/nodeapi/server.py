@@ -285,6 +285,13 @@ class Server:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
+    def set_context(self, ctx: ssl.SSLContext) -> None:
+        """Serve new connections with ctx (a new serving certificate),
+        without a restart.  Each handshake reads self.ctx once, and an
+        attribute assignment is atomic, so no lock: a connection gets the
+        old context or the new one, and open connections keep theirs."""
+        self.ctx = ctx
+
     def add_route(self, method: str, regex: str, subresource: str, handler: Handler) -> None:
         """handler(req, match) for method on paths fully matching regex,
         authorized as nodes/<subresource>."""

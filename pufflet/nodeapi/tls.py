@@ -9,8 +9,11 @@ Where the serving certificate comes from, as the kubelet's:
   start (GetServingCert, priv/pki.py) in <state_dir>/pki/serving.pem, the
   agent user's: read after the drop, inside the sandbox.
 
-CSR-based serving certificates (signer kubernetes.io/kubelet-serving) are
-not done yet.
+- 'tls certificate csr': one the cluster signs (signer
+  kubernetes.io/kubelet-serving, agent/servingcert.py), installed by the
+  parent as <state_dir>/pki/serving-current.pem; the self-signed one
+  until the first is approved and issued, then each new one swapped into
+  the running server (Server.set_context).
 
 Client certificates are verified against 'tls client ca' when given:
 optional at the TLS layer (a token may do instead), but a certificate that
@@ -24,15 +27,21 @@ import ssl
 
 from pufflet.config import Config
 
-SERVING = "serving.pem"     # priv/pki.py's name for it
+SERVING = "serving.pem"     # priv/pki.py's names for them
+CSR_CURRENT = "serving-current.pem"
 
 
 def serving_path(cfg: Config) -> str:
     return os.path.join(cfg.state_dir, "pki", SERVING)
 
 
+def csr_path(cfg: Config) -> str:
+    return os.path.join(cfg.state_dir, "pki", CSR_CURRENT)
+
+
 def self_signed(cfg: Config) -> bool:
-    """Does the serving certificate live in the state directory?"""
+    """Does the serving certificate live in the state directory?  (Either
+    self-signed, or from a CSR with the self-signed one until then.)"""
     return not (cfg.tls_cert and cfg.tls_key)
 
 

@@ -81,6 +81,9 @@ class Node:
     egress: str | None = None        # None: masquerade whatever leaves the pod CIDR
     names: Names = field(default_factory=Names)
     firewall: str = "nft"            # "nft" or "iptables": see pick_firewall()
+    # Networks reached without NAT: the cluster's pod network when other
+    # nodes' pods are routed to ('pod routes'), so they see pod addresses.
+    no_nat: tuple[str, ...] = ()
 
     @property
     def prefixlen(self) -> int:
@@ -104,6 +107,7 @@ def _nft_node(node: Node) -> str:
         match = f'ip saddr {node.cidr} oifname "{node.egress}"'
     else:
         match = f"ip saddr {node.cidr} ip daddr != {node.cidr}"
+    match += "".join(f" ip daddr != {n}" for n in node.no_nat)
     # add is idempotent for the table and chains; the flush makes the
     # masquerade rule exactly one at every start.  Pod chains survive.
     return (f"add table {t}\n"
@@ -123,8 +127,11 @@ def _ipt_node(node: Node) -> list[Step]:
     else:
         match = ("-s", node.cidr, "!", "-d", node.cidr)
     local = ("-m", "addrtype", "--dst-type", "LOCAL")
+    # iptables takes one "! -d" per rule: networks without NAT return first.
     steps = [Step(_ipt("-N", post), exists_ok=True),
              Step(_ipt("-F", post)),
+             *(Step(_ipt("-A", post, "-s", node.cidr, "-d", n, "-j", "RETURN"))
+               for n in node.no_nat),
              Step(_ipt("-A", post, *match, "-j", "MASQUERADE")),
              Step(_ipt("-N", hp), exists_ok=True)]
     # Delete, then append: exactly one jump whatever the last run left.
@@ -330,10 +337,34 @@ def sweep(node: Node, live: Iterable[str], run: Runner | None = None) -> list[St
     return netplan.teardown(sweep_plan(node, outputs, live), run or runner())
 
 
+# ---- routes to other nodes' pods ---------------------------------------------
+
+# The routes pufflet keeps to other nodes' podCIDRs (priv/podroutes.py)
+# carry this protocol number, which /etc/iproute2/rt_protos gives to no
+# one: `ip route show proto 80` lists them, and a delete that names it
+# can only remove pufflet's route, never an admin's one to the same
+# prefix (ip-route(8): "proto RTPROTO ... the routing protocol identifier
+# of this route").  Tests use another number.
+ROUTE_PROTO = 80
+
+
+def route_set(cidr: str, gateway: str, proto: int = ROUTE_PROTO) -> Step:
+    """Add the route, or change its gateway: `replace` does either in one
+    step (ip-route(8): "change or add new one")."""
+    return Step((IP, "route", "replace", cidr, "via", gateway, "proto", str(proto)))
+
+
+def route_delete(cidr: str, proto: int = ROUTE_PROTO) -> Step:
+    return Step((IP, "route", "del", cidr, "proto", str(proto)), missing_ok=True)
+
+
 # ---- running -----------------------------------------------------------------
 
+# "No such process" (ESRCH) is what rtnetlink answers for a route that
+# is not there.
 _MISSING = re.compile(r"Cannot find device|No such file or directory|does not exist|"
-                      r"No chain/target/match|Bad rule|Cannot open network namespace")
+                      r"No chain/target/match|Bad rule|Cannot open network namespace|"
+                      r"No such process")
 
 
 def classify(stderr: str) -> str:

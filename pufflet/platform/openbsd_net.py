@@ -70,6 +70,9 @@ class Node:
     egress: str = "egress"        # an interface or group; ifconfig(8): "egress" is
                                   # the group of interfaces the default route uses
     unit: int = NODE_UNIT
+    # The cluster's IPv4 pod network when other nodes' pods are routed to
+    # ('pod routes'): traffic to it keeps the pod's address, no NAT.
+    no_nat: str | None = None
 
     @property
     def veb(self) -> str:
@@ -142,10 +145,14 @@ def pf_rules(node: Node, pod: PodNet) -> str:
       addresses ((egress), or the hostIP) on the hostPort, plus a pass out
       on the vport so a `block` default of the main ruleset does not stop
       the redirected connection on its way to the pod.
+    - no_nat: `to ! <network>` (pf.conf(5) PARAMETERS: "Addresses can be
+      specified ... negated"); a single network, because a negated list
+      `{ !a, !b }` matches every address.
     Packets from the node itself to its own address use lo0, not egress:
     such hostPort connections are not redirected (a known limit)."""
+    to = f"! {node.no_nat}" if node.no_nat else "any"
     out = [f"# pod {pod.pod_uid}",
-           f"match out on {node.egress} inet from {pod.ip} to any nat-to ({node.egress}:0)"]
+           f"match out on {node.egress} inet from {pod.ip} to {to} nat-to ({node.egress}:0)"]
     for hp in pod.host_ports:
         dst = hp.host_ip or f"({node.egress})"
         out.append(f"pass in on {node.egress} inet proto {hp.proto} to {dst} "
@@ -245,6 +252,37 @@ def sweep_plan(ifconfig_out: str, anchors_out: str,
         steps += [Step(_ifc(host_end(r), "destroy"), missing_ok=True),
                   Step(_ifc(pod_end(r), "destroy"), missing_ok=True)]
     return tuple(steps)
+
+
+# ---- routes to other nodes' pods ---------------------------------------------
+
+# route(8): "-label label: Add a descriptive label to the route"; `route
+# -n show -label pufflet` lists the routes pufflet keeps to other nodes'
+# podCIDRs (priv/podroutes.py).  They live in rdomain 0, the host's
+# table, which pods reach through their default route via the gateway.
+ROUTE_LABEL = "pufflet"
+
+
+def _family(cidr: str) -> str:
+    return "-inet6" if ":" in cidr else "-inet"
+
+
+def route_add(cidr: str, gateway: str) -> Step:
+    """route(8) add: the gateway must be on a directly connected network,
+    else the kernel answers "Network is unreachable"."""
+    return Step((ROUTE, "-qn", "add", _family(cidr), "-label", ROUTE_LABEL, cidr, gateway))
+
+
+def route_change(cidr: str, gateway: str) -> Step:
+    """route(8) change: a new gateway for a route that exists."""
+    return Step((ROUTE, "-qn", "change", _family(cidr), "-label", ROUTE_LABEL, cidr,
+                 gateway))
+
+
+def route_delete(cidr: str, gateway: str) -> Step:
+    """Naming the gateway deletes only the route through it, never
+    another one to the same network; "not in table" when it is gone."""
+    return Step((ROUTE, "-qn", "delete", _family(cidr), cidr, gateway), missing_ok=True)
 
 
 # ---- checks ------------------------------------------------------------------

@@ -358,10 +358,10 @@ def _check_cert(cfg: Config, pem: bytes, pending: str) -> CertInfo:
     return info
 
 
-def _new_name(d: str) -> str:
+def _new_name(d: str, prefix: str = "client") -> str:
     stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime())
     for n in range(100):
-        name = f"client-{stamp}.pem" if n == 0 else f"client-{stamp}-{n}.pem"
+        name = f"{prefix}-{stamp}.pem" if n == 0 else f"{prefix}-{stamp}-{n}.pem"
         if not os.path.lexists(os.path.join(d, name)):
             return name
     raise Status("RESOURCE_EXHAUSTED", "too many certificates this second")
@@ -386,8 +386,22 @@ def store_cert(cfg: Config, owner: Identity, cert_pem: str) -> CertInfo:
     # we want to fail before touching anything.
     _kubeconfig(cfg)
     _write_new(path, pem + key, owner)
+    previous = _point(d, CURRENT, name)
+    os.unlink(pending)
+    fsync_dir(d)
+    write_kubeconfig(cfg, owner)
+    _prune(d, "client", keep={name, previous})
+    log.info("installed client certificate %s, valid until %s", name,
+             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.not_after)))
+    return info
+
+
+def _point(d: str, link_name: str, target: str) -> str | None:
+    """Make d/link_name a symlink to target; return what it pointed to.
+    A relative link, swapped in by rename: readers see the old pair or the
+    new one, never a missing file."""
+    cur = os.path.join(d, link_name)
     previous = None
-    cur = os.path.join(d, CURRENT)
     try:
         previous = os.readlink(cur)
     except OSError:
@@ -397,25 +411,18 @@ def store_cert(cfg: Config, owner: Identity, cert_pem: str) -> CertInfo:
         os.unlink(link)
     except FileNotFoundError:
         pass
-    # A relative link, swapped in by rename: readers see the old pair or
-    # the new one, never a missing file.
-    os.symlink(name, link)
+    os.symlink(target, link)
     os.rename(link, cur)
-    os.unlink(pending)
-    fsync_dir(d)
-    write_kubeconfig(cfg, owner)
-    _prune(d, keep={name, previous})
-    log.info("installed client certificate %s, valid until %s", name,
-             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.not_after)))
-    return info
+    return previous
 
 
-def _prune(d: str, keep: set[str | None]) -> None:
+def _prune(d: str, prefix: str, keep: set[str | None]) -> None:
     """Keep the current and the previous certificate, drop older ones: they
-    hold keys nothing will use again."""
+    hold keys nothing will use again.  Only <prefix>-<time>.pem names:
+    never the links, the pending files or the self-signed serving.pem."""
+    stamped = re.compile(re.escape(prefix) + r"-\d{4}-\d\d-\d\d-[-\d]+\.pem\Z")
     for name in os.listdir(d):
-        if name.startswith("client-") and name.endswith(".pem") and name != CURRENT \
-                and name not in keep:
+        if stamped.match(name) and name not in keep:
             try:
                 os.unlink(os.path.join(d, name))
             except OSError as e:
@@ -529,3 +536,240 @@ def serving_cert(cfg: Config, owner: Identity, addresses: list[str]) -> CertInfo
                 pass
     log.info("new self-signed serving certificate for %s", ", ".join(sans))
     return info
+
+
+# -- the node API's serving certificate from the cluster ('tls certificate csr') --
+#
+# As the kubelet with serverTLSBootstrap: a CSR for the signer
+# kubernetes.io/kubelet-serving, subject CN=system:node:<name>,
+# O=system:nodes, SANs the node's names and addresses.  The key is made
+# here and leaves this process only as the installed file the agent serves
+# from; the agent never chooses a DNS name: those are the node name and
+# this host's name, computed here.
+#
+#   pki/serving-pending.key     key of the CSR in flight, root 0600
+#   pki/serving-pending.csr     that CSR, root 0600: what a certificate must match
+#   pki/serving-<time>.pem      certificate(s) + key, agent user 0600
+#   pki/serving-current.pem     symlink to the one in use
+
+SERVING_PENDING = "serving-pending.key"
+SERVING_PENDING_CSR = "serving-pending.csr"
+SERVING_CURRENT = "serving-current.pem"
+MAX_SERVING_IPS = 16
+_SERVER_AUTH = "TLS Web Server Authentication"     # how both openssls print serverAuth
+_ROOT = Identity("root", 0, 0)
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    not_before: int
+    not_after: int
+    dns_names: tuple[str, ...]
+    ips: tuple[str, ...]
+
+
+def serving_current_path(cfg: Config) -> str:
+    return os.path.join(pki_dir(cfg), SERVING_CURRENT)
+
+
+def serving_names(cfg: Config, addresses: list[str]) -> tuple[list[str], list[str]]:
+    """The DNS and IP SANs to ask for: the node name and this host's name
+    (the node's Hostname address), and the agent's addresses, each of
+    which must parse as an IP address."""
+    _subject(cfg)       # checks the node name is fit for a subject
+    dns = [cfg.node_name]
+    host = os.uname().nodename.lower()
+    if host != cfg.node_name and len(host) <= 253 and _NODE_NAME.match(host):
+        dns.append(host)
+    ips: list[str] = []
+    for a in addresses:
+        try:
+            ip = str(ipaddress.ip_address(a))
+        except ValueError:
+            raise Status("INVALID_ARGUMENT", f"{a!r} is not an IP address") from None
+        if ip not in ips:
+            ips.append(ip)
+    if len(ips) > MAX_SERVING_IPS:
+        raise Status("INVALID_ARGUMENT", f"more than {MAX_SERVING_IPS} addresses")
+    return dns, ips
+
+
+def _extensions(kind: str, pem: bytes) -> list[str]:
+    """The lines openssl prints for the extensions of a certificate (kind
+    "x509") or a request ("req"), and nothing else: no subject or issuer
+    text a signer chose, which could pose as an extension line.
+    x509 -certopt and req -reqopt take the same no_* names in LibreSSL's
+    openssl(1) (set_cert_ex) and OpenSSL's."""
+    if kind == "x509":
+        skip = ("-certopt", "no_header,no_version,no_serial,no_signame,no_validity,"
+                "no_subject,no_issuer,no_pubkey,no_sigdump,no_aux")
+    else:
+        skip = ("-reqopt", "no_header,no_version,no_subject,no_pubkey,no_sigdump")
+    return _openssl(kind, "-noout", "-text", *skip, stdin=pem) \
+        .decode("ascii", errors="replace").splitlines()
+
+
+def _after(lines: list[str], title: str) -> str | None:
+    """The value line printed under an extension's title line."""
+    for i, line in enumerate(lines):
+        if line.strip().startswith(title + ":") and i + 1 < len(lines):
+            return lines[i + 1].strip()
+    return None
+
+
+def _sans(lines: list[str]) -> tuple[set[str], set[str]]:
+    """(DNS names, IP addresses) of a subjectAltName; any other kind of
+    name (email, URI, ...) is refused: we never ask for one."""
+    dns: set[str] = set()
+    ips: set[str] = set()
+    value = _after(lines, "X509v3 Subject Alternative Name")
+    for item in (value.split(", ") if value else ()):
+        kind, _, v = item.partition(":")
+        if kind == "DNS" and len(v) <= 253 and _NODE_NAME.match(v):
+            dns.add(v)
+        elif kind == "IP Address":
+            # OpenSSL prints IPv6 uncompressed and in capitals.
+            try:
+                ips.add(str(ipaddress.ip_address(v)))
+            except ValueError:
+                raise PkiError(f"unreadable IP address in subjectAltName: {v[:60]!r}") from None
+        else:
+            raise PkiError(f"unexpected subjectAltName entry {item[:60]!r}")
+    return dns, ips
+
+
+def create_serving_csr(cfg: Config, addresses: list[str]) -> str:
+    """A new EC P-256 key in pki/serving-pending.key and a PEM CSR for it,
+    kept beside it.  EC keys sign and do not encipher, so the usages asked
+    for are digital signature and server auth, as the kubelet's for an EC
+    key."""
+    subj, _ = _subject(cfg)
+    dns, ips = serving_names(cfg, addresses)
+    sans = [f"DNS:{n}" for n in dns] + [f"IP:{ip}" for ip in ips]
+    d = pki_dir(cfg)
+    key = os.path.join(d, SERVING_PENDING)
+    csr_path = os.path.join(d, SERVING_PENDING_CSR)
+    tmp, conf = key + ".tmp", os.path.join(d, "serving-csr.cnf.tmp")
+    text = ("[req]\ndistinguished_name = dn\nreq_extensions = ext\n[dn]\n[ext]\n"
+            "basicConstraints = critical, CA:FALSE\n"
+            "keyUsage = critical, digitalSignature\n"
+            "extendedKeyUsage = serverAuth\n"
+            f"subjectAltName = {', '.join(sans)}\n")
+    try:
+        for p in (tmp, conf, key, csr_path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(text)
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", tmp)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, key)
+        csr = _openssl("req", "-new", "-sha256", "-key", key, "-subj", subj,
+                       "-config", conf)
+        if b"-----BEGIN CERTIFICATE REQUEST-----" not in csr:
+            raise PkiError("openssl req printed no CSR")
+        _write_new(csr_path, csr, _ROOT)
+        fsync_dir(d)
+    except PkiError as e:
+        for p in (tmp, key, csr_path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        raise Status("INTERNAL", str(e)) from None
+    finally:
+        try:
+            os.unlink(conf)
+        except FileNotFoundError:
+            pass
+    log.info("new key and serving CSR for %s, %s", subj, ", ".join(sans))
+    return csr.decode("ascii")
+
+
+def _check_serving_cert(cfg: Config, pem: bytes, key: str, csr: bytes) -> ServingInfo:
+    """The first certificate of pem must be for key, with our subject, the
+    names of our CSR (no more, no fewer), server auth among its usages,
+    and valid now.  Intermediates are the signer's business."""
+    blocks = _PEM_CERT.findall(pem.decode("ascii"))
+    if not blocks or len(blocks) > MAX_CHAIN or len("".join(blocks)) != len(pem):
+        raise Status("INVALID_ARGUMENT", "not a PEM certificate chain")
+    first = blocks[0].encode()
+    _, want = _subject(cfg)
+    try:
+        got = _cert_subject(first)
+        info = cert_info(first)
+        match = _cert_pubkey(first) == _key_pubkey(key)
+        lines = _extensions("x509", first)
+        dns, ips = _sans(lines)
+        want_dns, want_ips = _sans(_extensions("req", csr))
+    except PkiError as e:
+        raise Status("INVALID_ARGUMENT", f"not a serving certificate: {e}") from None
+    if got != want:
+        raise Status("INVALID_ARGUMENT",
+                     f"certificate subject {','.join(sorted(got))} is not "
+                     f"{','.join(sorted(want))}")
+    if not match:
+        raise Status("INVALID_ARGUMENT", "certificate is not for the pending serving key")
+    if (dns, ips) != (want_dns, want_ips):
+        raise Status("INVALID_ARGUMENT",
+                     f"certificate names {', '.join(sorted(dns | ips)) or 'nothing'}, "
+                     f"the request {', '.join(sorted(want_dns | want_ips))}")
+    eku = _after(lines, "X509v3 Extended Key Usage") or ""
+    if _SERVER_AUTH not in eku.split(", "):
+        raise Status("INVALID_ARGUMENT", "certificate is not for server auth")
+    now = time.time()
+    if not info.not_before <= now < info.not_after:
+        raise Status("INVALID_ARGUMENT",
+                     f"certificate is not valid now (valid {info.not_before}..{info.not_after})")
+    return ServingInfo(info.not_before, info.not_after, tuple(sorted(dns)), tuple(sorted(ips)))
+
+
+def store_serving_cert(cfg: Config, owner: Identity, cert_pem: str) -> ServingInfo:
+    """Check a certificate for the pending serving key, install it with the
+    key as serving-<time>.pem and point serving-current.pem at it.  On
+    refusal nothing on disk changes."""
+    d = pki_dir(cfg)
+    key = os.path.join(d, SERVING_PENDING)
+    csr_path = os.path.join(d, SERVING_PENDING_CSR)
+    if not os.path.isfile(key) or os.path.islink(key) or os.path.islink(csr_path):
+        raise Status("FAILED_PRECONDITION", "no serving CSR pending: call CreateServingCSR first")
+    pem = cert_pem.encode("ascii")
+    info = _check_serving_cert(cfg, pem, key, _read_small(csr_path, "pending serving CSR"))
+    if not pem.endswith(b"\n"):
+        pem += b"\n"
+    name = _new_name(d, "serving")
+    _write_new(os.path.join(d, name), pem + _read_small(key, "pending serving key"), owner)
+    previous = _point(d, SERVING_CURRENT, name)
+    os.unlink(key)
+    os.unlink(csr_path)
+    fsync_dir(d)
+    _prune(d, "serving", keep={name, previous})
+    log.info("installed serving certificate %s for %s, valid until %s", name,
+             ", ".join(info.dns_names + info.ips),
+             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.not_after)))
+    return info
+
+
+def serving_info(cfg: Config) -> ServingInfo | None:
+    """Validity and names of the certificate serving-current.pem holds,
+    None without one."""
+    cur = serving_current_path(cfg)
+    try:
+        with open(cur, "rb") as f:
+            data = f.read(MAX_KUBECONFIG)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Status("UNAVAILABLE", f"{cur}: {e.strerror}") from None
+    blocks = _PEM_CERT.findall(data.decode("ascii", errors="replace"))
+    if not blocks:
+        return None
+    first = blocks[0].encode()
+    try:
+        info = cert_info(first)
+        dns, ips = _sans(_extensions("x509", first))
+    except PkiError as e:
+        raise Status("INTERNAL", str(e)) from None
+    return ServingInfo(info.not_before, info.not_after, tuple(sorted(dns)), tuple(sorted(ips)))

@@ -17,10 +17,10 @@ runs (netplan.apply undoes a half setup), then the pod is recorded
 know are released and everything named for them is swept.
 
 The OpenBSD checks (pf enabled, the pufflet anchor in the main ruleset,
-forwarding on) run when the node side is set up: at start when a table
-exists, else at the first pod.  Failing checks are logged at start, and
-every networked CreatePod answers with them until they pass; no restart
-needed once the admin has fixed pf.
+forwarding on) run at start, and again when the node side is set up (at
+start when the CIDR is known, else at the first pod).  Failing checks are
+logged at start, and every networked CreatePod answers with them until
+they pass; no restart needed once the admin has fixed pf.
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ class LinuxBackend:
     """netns + veth + bridge + nftables (linux_net)."""
 
     def __init__(self, egress: str | None = None, names=None,
-                 firewall: str | None = None) -> None:
+                 firewall: str | None = None, route_proto: int | None = None,
+                 no_nat: Sequence[str] = ()) -> None:
         from pufflet.platform import linux_net
         self.L = linux_net
         self.names = names or linux_net.Names()
+        self.route_proto = route_proto or linux_net.ROUTE_PROTO
+        self.no_nat = tuple(no_nat)
         self.egress = egress
         self.firewall = firewall
         self.run = linux_net.runner()
@@ -87,7 +90,8 @@ class LinuxBackend:
         return problems
 
     def node_up(self, cidr: str, gateway: str) -> None:
-        self.node = self.L.Node(cidr, gateway, self.egress, self.names, self.firewall)
+        self.node = self.L.Node(cidr, gateway, self.egress, self.names, self.firewall,
+                                self.no_nat)
         netplan.apply(self.L.node_plan(self.node), self.run)
 
     def node_down(self) -> None:
@@ -109,14 +113,23 @@ class LinuxBackend:
     def netns(self, pod_uid: str) -> str:
         return self.names.netns(pod_uid)
 
+    # Routes to other nodes' pods (priv/podroutes.py).
+    def route_set(self, cidr: str, gateway: str) -> None:
+        self.run(self.L.route_set(cidr, gateway, self.route_proto))
+
+    def route_delete(self, cidr: str, gateway: str) -> list[StepError]:
+        return netplan.teardown([self.L.route_delete(cidr, self.route_proto)], self.run)
+
 
 class OpenBSDBackend:
     """rdomain + pair + veb + pf (openbsd_net)."""
 
-    def __init__(self, egress: str | None = None, libc=None) -> None:
+    def __init__(self, egress: str | None = None, libc=None,
+                 no_nat: Sequence[str] = ()) -> None:
         from pufflet.platform import openbsd_net
         self.B = openbsd_net
         self.egress = egress or "egress"
+        self.no_nat = no_nat[0] if no_nat else None
         self.run = openbsd_net.runner()
         self.libc = libc
         self.node = None
@@ -135,7 +148,8 @@ class OpenBSDBackend:
                                       for k, argv in self.B.CHECKS.items()})
 
     def node_up(self, cidr: str, gateway: str) -> None:
-        self.node = self.B.Node(gateway, int(cidr.split("/")[1]), self.egress)
+        self.node = self.B.Node(gateway, int(cidr.split("/")[1]), self.egress,
+                                no_nat=self.no_nat)
         existing = self.B.parse_ifnames(self._output((self.B.IFCONFIG, self.B.GROUP)))
         netplan.apply(self.B.node_plan(self.node, existing), self.run)
 
@@ -161,12 +175,25 @@ class OpenBSDBackend:
     def netns(self, pod_uid: str) -> str | None:
         return None
 
+    # Routes to other nodes' pods (priv/podroutes.py).
+    def route_set(self, cidr: str, gateway: str) -> None:
+        try:
+            self.run(self.B.route_add(cidr, gateway))
+        except StepError as e:
+            if e.kind != netplan.EXISTS:
+                raise
+            self.run(self.B.route_change(cidr, gateway))
 
-def default_backend(egress: str | None):
+    def route_delete(self, cidr: str, gateway: str) -> list[StepError]:
+        return netplan.teardown([self.B.route_delete(cidr, gateway)], self.run)
+
+
+def default_backend(egress: str | None, no_nat: Sequence[str] = ()):
+    """no_nat: IPv4 networks pods reach without NAT (the 'pod routes' one)."""
     if sys.platform.startswith("openbsd"):
-        return OpenBSDBackend(egress)
+        return OpenBSDBackend(egress, no_nat=no_nat)
     if sys.platform.startswith("linux"):
-        return LinuxBackend(egress)
+        return LinuxBackend(egress, no_nat=no_nat)
     return None
 
 
@@ -174,10 +201,11 @@ def default_backend(egress: str | None):
 
 class PodNetworks:
     def __init__(self, state_dir: str, cidr: str | None, egress: str | None = None,
-                 backend=None) -> None:
+                 backend=None, no_nat: Sequence[str] = ()) -> None:
         self.path = os.path.join(state_dir, TABLE)
         self.cfg_cidr = cidr
-        self.backend = backend if backend is not None else default_backend(egress)
+        self.backend = (backend if backend is not None
+                        else default_backend(egress, no_nat))
         self.pool: NetPool | None = None
         self.problem: str | None = None     # why the node side is not up
         self._warned = False
@@ -197,6 +225,15 @@ class PodNetworks:
             except NetError as e:
                 self.problem = str(e)
                 log.error("pod network: %s", e)
+        else:
+            # The CIDR comes later with the Node; what would stop pod
+            # networks (pf, the anchor, forwarding) is said now, at start,
+            # and checked again at the first pod.
+            problems = self.backend.check()
+            if problems:
+                # A warning: the node may never get a CIDR.
+                self.problem = "pod networks cannot work: " + "; ".join(problems)
+                log.warning("%s", self.problem)
 
     def _stored_cidr(self) -> str | None:
         try:

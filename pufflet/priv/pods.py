@@ -44,6 +44,7 @@ from pufflet.config import Config
 from pufflet.priv import podroot, proctrack, rlimits, statefile, volumes
 from pufflet.priv.netplan import HostPort, NetPlanError
 from pufflet.priv.podnet import NetError, PodNetworks
+from pufflet.priv.podroutes import PodRoutes
 from pufflet.priv.logger import LoggerClient, LoggerError
 from pufflet.priv.proctrack import Exited, ProcessWatcher
 from pufflet.priv.rlimits import Rlimit
@@ -63,6 +64,11 @@ _VERSION = 1
 MAX_QUEUED = 10000
 # RemovePod: how long to wait for SIGKILLed processes to be gone.
 KILL_WAIT = 5.0
+# An image's last use (for the image GC's LRU order) is written to the
+# store at most this often: each write is a locked, fsynced rewrite of the
+# store's table, and a burst of pods from one image would otherwise pay
+# it twice a pod.  GC runs every 5 minutes and spares images in use.
+TOUCH_EVERY = 60.0
 
 _SIGNALS = {name: getattr(signal, name) for name in (
     "SIGTERM", "SIGKILL", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2",
@@ -132,6 +138,7 @@ class PodRuntime:
         self.cfg = cfg
         self._open_store = store_opener
         self._store = None
+        self._touched: dict[str, float] = {}    # digest -> monotonic time of last touch
         self.watcher = watcher if watcher is not None else ProcessWatcher()
         self.logger = logger if logger is not None else LoggerClient(
             cfg.state_dir, cfg.log_dir, gid=_agent_gid(cfg))
@@ -144,7 +151,12 @@ class PodRuntime:
         # Pod networks (priv/podnet.py): set up the node side again now,
         # so that re-adopted pods keep working.
         self.net = net if net is not None else PodNetworks(
-            cfg.state_dir, cfg.pod_network.cidr, cfg.pod_network.egress)
+            cfg.state_dir, cfg.pod_network.cidr, cfg.pod_network.egress,
+            no_nat=[c for c in cfg.pod_routes if ":" not in c])
+        # Routes to other nodes' pods ('pod routes'): removed here when
+        # the configuration no longer asks for them.
+        self.routes = PodRoutes(cfg.state_dir, cfg.pod_routes, self.net.backend,
+                                lambda: self.net.cidr(None))
         self.procs: dict[int, _Proc] = {}
         # container_id -> its stdin as attach writes to it: the write end of
         # its stdin pipe (stdin: true) or its pty master (tty: true).  Held
@@ -220,6 +232,15 @@ class PodRuntime:
         if self._store is None:
             self._store = self._open_store()
         return self._store
+
+    def _touch(self, digest: str) -> None:
+        """Note a use of the image in the store, unless done in the last
+        TOUCH_EVERY seconds."""
+        now = time.monotonic()
+        if now - self._touched.get(digest, -TOUCH_EVERY) < TOUCH_EVERY:
+            return
+        self._store_get().touch(digest)
+        self._touched[digest] = now
 
     def images_in_use(self) -> set[str]:
         return {d for pod in self.pods.values() for d in pod["images"]}
@@ -303,7 +324,8 @@ class PodRuntime:
                 "StartContainer": self.start_container,
                 "SignalContainer": self.signal_container, "RemovePod": self.remove_pod,
                 "ListPods": self.list_pods, "WatchContainers": self.watch_containers,
-                "StartExec": self.start_exec, "AttachContainer": self.attach_container}
+                "StartExec": self.start_exec, "AttachContainer": self.attach_container,
+                "SetPodRoutes": self.routes.set_pod_routes}
 
     def create_pod(self, body: dict, fds: list[int]) -> dict:
         pod_uid = body["pod_uid"]
@@ -344,7 +366,7 @@ class PodRuntime:
             pr = podroot.build(rootfs, pod_dir, uid, uid, hostname=body["hostname"],
                                hosts_entries=hosts, resolv_conf=body["resolv_conf"])
             for digest in images:
-                store.touch(digest)
+                self._touch(digest)
             pod = {"namespace": body["namespace"], "name": body["name"], "uid": uid,
                    "hostname": body["hostname"], "images": images,
                    "host_network": body["host_network"],
@@ -483,7 +505,7 @@ class PodRuntime:
         self.watcher.watch(started.pid, started.start_time, own_child=True)
         self._save()
         try:
-            self._store_get().touch(body["image"])
+            self._touch(body["image"])
         except Exception as e:      # LRU bookkeeping only: never fails a start
             log.warning("image %s: cannot note its use: %s", body["image"], e)
         log.info("pod %s container %s started, pid %d", pod_uid, name, started.pid)

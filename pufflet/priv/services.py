@@ -21,7 +21,7 @@ from pufflet.privsep.spec import Spec
 
 POD_METHODS = ("CreatePod", "SetVolume", "StartContainer", "SignalContainer",
                "RemovePod", "ListPods", "WatchContainers", "StartExec", "AttachContainer",
-               "PortForward")
+               "PortForward", "SetPodRoutes")
 
 
 def _unavailable(body: dict, fds: list[int]):
@@ -53,6 +53,9 @@ class Services:
             "StoreClientCert": self.store_client_cert,
             "GetClientCertInfo": self.client_cert_info,
             "GetServingCert": self.serving_cert,
+            "CreateServingCSR": self.create_serving_csr,
+            "StoreServingCert": self.store_serving_cert,
+            "GetServingCertInfo": self.serving_cert_info,
             "GetStats": self.stats.get_stats,
         }
         gated.update(self.images.table())
@@ -137,3 +140,34 @@ class Services:
             raise Status("FAILED_PRECONDITION", str(e)) from None
         info = pki.serving_cert(self.cfg, owner, body["addresses"])
         return {"not_before": info.not_before, "not_after": info.not_after}
+
+    # -- the serving certificate from the cluster ('tls certificate csr') ---
+
+    def _want_serving_csr(self) -> None:
+        # Only when the admin asked for it: an agent cannot start asking
+        # the cluster for certificates in the node's name on its own.
+        if not self.cfg.tls_csr:
+            raise Status("FAILED_PRECONDITION", "'tls certificate csr' is not configured")
+
+    def create_serving_csr(self, body: dict, fds: list[int]) -> dict:
+        self._want_serving_csr()
+        return {"csr_pem": pki.create_serving_csr(self.cfg, body["addresses"])}
+
+    def store_serving_cert(self, body: dict, fds: list[int]) -> dict:
+        self._want_serving_csr()
+        try:
+            owner = drop.lookup(self.cfg.user)
+        except drop.DropError as e:
+            raise Status("FAILED_PRECONDITION", str(e)) from None
+        return _serving_reply(pki.store_serving_cert(self.cfg, owner, body["cert_pem"]))
+
+    def serving_cert_info(self, body: dict, fds: list[int]) -> dict:
+        return _serving_reply(pki.serving_info(self.cfg))
+
+
+def _serving_reply(info: "pki.ServingInfo | None") -> dict:
+    if info is None:
+        return {"present": False, "not_before": 0, "not_after": 0, "dns_names": [],
+                "addresses": []}
+    return {"present": True, "not_before": info.not_before, "not_after": info.not_after,
+            "dns_names": list(info.dns_names), "addresses": list(info.ips)}

@@ -48,8 +48,11 @@ def fsync_dir(path: str) -> None:
 def write_json(path: str, obj: Any) -> None:
     """Replace path with obj as JSON, atomically and durably (mode 0600)."""
     try:
-        data = (json.dumps(obj, sort_keys=True, indent=1, allow_nan=False)
-                + "\n").encode()
+        # Compact, on one line: json only uses its C encoder without
+        # indent, and the pod table is written at every container start
+        # and exit, whole -- pretty-printed, 100 pods cost ~10 ms a write.
+        data = (json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                           allow_nan=False) + "\n").encode()
     except (TypeError, ValueError) as e:
         raise StateError(f"{path}: cannot encode state: {e}") from None
     d = os.path.dirname(path) or "."

@@ -35,7 +35,9 @@ IMAGE_GC_PERIOD = 300.0
 # Fields the parent itself acts on with root: changing them under running
 # pods would orphan state, so SIGHUP leaves them alone.
 RESTART_ONLY = {"user": "user", "state_dir": "state directory", "log_dir": "log directory",
-                "pod_uid_min": "pod uid range", "pod_uid_max": "pod uid range"}
+                "pod_uid_min": "pod uid range", "pod_uid_max": "pod uid range",
+                # The parent's pod networks and routes are set up at start.
+                "pod_network": "pod network", "pod_routes": "pod routes"}
 
 
 class Supervisor:

@@ -28,8 +28,10 @@ schema pruning of unknown fields, field validation warnings, garbage
 collection and propagationPolicy, namespace termination phases (contents are
 deleted at once), controllers (no scheduler, no node lifecycle), RBAC objects
 (tests use allow()/deny()), aggregated discovery, OpenAPI documents,
-exec/attach/port-forward/log/proxy subresources, watch-list consistency of
-continue tokens, priority-and-fairness.
+the proxy subresources, WebSocket-to-SPDY translation of exec/attach/
+port-forward (pods/log, exec, attach and portforward are relayed to the
+node as they come: nodeproxy.py), watch-list consistency of continue
+tokens, priority-and-fairness.
 """
 from __future__ import annotations
 
@@ -64,7 +66,10 @@ class ApiServer:
         """directory: where the PKI and kubeconfigs go (the CA is reused if
         present; pass ca_dir to share one CA between several emulators).
         csr_duration: cap in seconds on signed certificates (the real minimum of
-        600 s on spec.expirationSeconds still applies to what clients ask for)."""
+        600 s on spec.expirationSeconds still applies to what clients ask for).
+        auto_approve_csr: approve node client CSRs as kube-controller-manager
+        does (signer kube-apiserver-client-kubelet only; kubelet-serving CSRs
+        wait for approve_csr, as for an admin's kubectl certificate approve)."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca = CA(Path(ca_dir) if ca_dir else self.dir / "pki")
@@ -79,6 +84,14 @@ class ApiServer:
         self.auto_approve_csr = auto_approve_csr
         self.csr_duration = csr_duration
         self.return_signed_csr = False
+        # pods/log, exec, attach, portforward go to the node (nodeproxy.py)
+        # as kube-apiserver-kubelet-client, like kubeadm's apiserver.
+        self.kubelet_client_cert = self.ca.issue("apiserver-kubelet-client",
+                                                 "kube-apiserver-kubelet-client",
+                                                 ["kubeadm:cluster-admins"])
+        self.kubelet_ca: Path | None = None          # --kubelet-certificate-authority
+        # --kubelet-preferred-address-types, as clusters usually set it.
+        self.kubelet_address_types = ("InternalIP", "ExternalIP", "Hostname")
         self.request_log: list[Request] = []
         self.bugs: list[str] = []              # emulator exceptions (tests should assert empty)
         self.port = port

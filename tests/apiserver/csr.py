@@ -15,7 +15,7 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from .errors import invalid
-from .pki import CA, csr_subject
+from .pki import CA, csr_sans, csr_subject
 from .resources import by_key
 
 if TYPE_CHECKING:
@@ -23,7 +23,14 @@ if TYPE_CHECKING:
 
 DEFAULT_SECONDS = 365 * 86400          # --cluster-signing-duration default
 _CLIENT_USAGES = {"digital signature", "key encipherment", "client auth"}
-_SERVING_USAGES = {"digital signature", "key encipherment", "server auth"}
+# ValidateKubeletServingCSR (pkg/apis/certificates/v1/helpers.go): the
+# usages must be exactly one of these sets.
+_SERVING_USAGES = ({"digital signature", "key encipherment", "server auth"},
+                   {"digital signature", "server auth"})
+# The only signer kube-controller-manager's csrapproving controller
+# approves (nodeclient and selfnodeclient); kubelet-serving is never
+# auto-approved.
+AUTO_APPROVED_SIGNER = "kubernetes.io/kube-apiserver-client-kubelet"
 
 
 def _now() -> str:
@@ -69,6 +76,24 @@ def _condition(ctype: str, reason: str, message: str) -> dict[str, Any]:
             "lastUpdateTime": t, "lastTransitionTime": t}
 
 
+def _kubelet_serving_problem(pem: bytes, cn: str, orgs: list[str], usages: list[str]) -> str:
+    """ValidateKubeletServingCSR's checks, in its order and with its messages."""
+    if orgs != ["system:nodes"]:
+        return "subject organization is not system:nodes"
+    dns, ips, emails, uris = csr_sans(pem)
+    if not dns and not ips:
+        return "DNS or IP subjectAltName is required"
+    if emails:
+        return "Email subjectAltNames are not allowed"
+    if uris:
+        return "URI subjectAltNames are not allowed"
+    if set(usages) not in _SERVING_USAGES or len(set(usages)) != len(usages):
+        return f"usages did not match {sorted(_SERVING_USAGES[0])}"
+    if not cn.startswith("system:node:"):
+        return "subject common name does not begin with system:node:"
+    return ""
+
+
 def set_approval(store: "Store", name: str, approve: bool = True,
                  reason: str = "", message: str = "") -> dict[str, Any]:
     """Add an Approved (or Denied) condition via the approval subresource."""
@@ -103,9 +128,7 @@ def sign_if_approved(store: "Store", ca: CA, name: str,
                 or "client auth" not in usages:
             problem = "invalid subject or usages for kubernetes.io/kube-apiserver-client-kubelet"
     elif signer == "kubernetes.io/kubelet-serving":
-        if not cn.startswith("system:node:") or orgs != ["system:nodes"] or not set(usages) <= _SERVING_USAGES \
-                or "server auth" not in usages:
-            problem = "invalid subject or usages for kubernetes.io/kubelet-serving"
+        problem = _kubelet_serving_problem(pem, cn, orgs, usages)
     elif signer != "kubernetes.io/kube-apiserver-client":
         return obj                       # not a signer this cluster runs
     if problem:

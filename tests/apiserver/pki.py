@@ -131,6 +131,20 @@ def csr_subject(csr_pem: bytes) -> tuple[str, list[str]]:
     return cn, orgs
 
 
+def csr_sans(csr_pem: bytes) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(DNS names, IP addresses, emails, URIs) of a PEM CSR's subjectAltName."""
+    text = _run("req", "-noout", "-text", stdin=csr_pem).decode().splitlines()
+    out: tuple[list[str], list[str], list[str], list[str]] = ([], [], [], [])
+    for i, line in enumerate(text[:-1]):
+        if line.strip().startswith("X509v3 Subject Alternative Name"):
+            for item in text[i + 1].strip().split(", "):
+                kind, _, v = item.partition(":")
+                which = {"DNS": 0, "IP Address": 1, "email": 2, "URI": 3}.get(kind)
+                if which is not None:
+                    out[which].append(v)
+    return out
+
+
 def _split_rfc2253(s: str) -> list[str]:
     out, cur, esc = [], "", False
     for ch in s:

@@ -107,7 +107,8 @@ STATUS_VERBS = ("get", "patch", "update")
 
 # Subresources the emulator actually implements (the others are listed in
 # discovery, like the real server, but answer 404 here).
-IMPLEMENTED_SUBRESOURCES = {"status", "binding", "eviction", "token", "approval"}
+IMPLEMENTED_SUBRESOURCES = {"status", "binding", "eviction", "token", "approval",
+                            "log", "exec", "attach", "portforward"}
 
 _BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 _BY_KEY = {r.key: r for r in RESOURCES}

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import csr as csrmod
+from . import nodeproxy
 from . import patch as patchmod
 from . import resources as rt
 from .auth import Attributes, User, admit_node, authenticated, forbidden_message
@@ -79,6 +80,11 @@ class _Server(ThreadingHTTPServer):
         with self.conns_lock:
             self.conns.add(request)
         try:
+            # As kube-apiserver: Go sets TCP_NODELAY on every TCP
+            # connection.  Without it each answer (headers, then body, as
+            # separate TLS records) waits ~40 ms for the client's delayed
+            # ACK, and every API call costs that much more than it should.
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             request.settimeout(30)
             try:
                 tls = self.ctx.wrap_socket(request, server_side=True)
@@ -185,7 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         api = self.server.api
         url = urlsplit(self.path)
-        q = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        self.multi_q = parse_qs(url.query, keep_blank_values=True)
+        q = {k: v[-1] for k, v in self.multi_q.items()}
         self.q = q
         self.verb = self.command.lower()
         self.url_path = url.path
@@ -297,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
         if verb not in allowed and not (verb == "watch" and "watch" in allowed):
             raise method_not_allowed("")
         info = _Info(res, namespace, name, sub)
+        if res.plural == "pods" and sub in nodeproxy.SUBRESOURCES:
+            return nodeproxy.proxy(self, info)
         return getattr(self, f"_v_{verb}")(info, user)
 
     def _discovery(self, path: str) -> Any:
@@ -495,7 +504,8 @@ class _Handler(BaseHTTPRequestHandler):
         out = api.store.create(res, body, info.namespace or None, dry_run=self._dry(),
                                user={"username": user.name, "groups": list(user.groups),
                                      "uid": user.uid}, admit=admit)
-        if res.kind == "CertificateSigningRequest" and api.auto_approve_csr and not self._dry():
+        if res.kind == "CertificateSigningRequest" and api.auto_approve_csr and not self._dry() \
+                and (body.get("spec") or {}).get("signerName") == csrmod.AUTO_APPROVED_SIGNER:
             api.approve_csr(out["metadata"]["name"])
         self._send(201, out)
         return 201

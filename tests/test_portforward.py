@@ -279,3 +279,45 @@ def test_priv_dials_from_the_pods_rdomain_golden(tmp_path):
     with pytest.raises(Status) as e:
         PortForwarder(FakeRuntime(entry)).port_forward({"pod_uid": POD_A, "port": 80}, [])
     assert e.value.code == "INTERNAL" and "Invalid argument" in e.value.message
+
+
+def test_a_client_that_stops_reading_blocks_nobody(node):
+    """A port-forward client that opened a huge window and stopped reading
+    while the pod's server floods it stalls only its own connection."""
+    flood = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def pour():
+        conn, _ = flood.accept()
+        try:
+            while not stop.is_set():
+                conn.sendall(b"z" * 65536)
+        except OSError:
+            pass
+        conn.close()
+    threading.Thread(target=pour, daemon=True).start()
+    echo = Echo(b"E:")
+    try:
+        stuck = SpdyClient.connect(node.addr, ["portforward.k8s.io"], tls=node.client_tls,
+                                   path="/portForward/default/web", reader=False)
+        h = {"port": str(flood.getsockname()[1]), "requestid": "0"}
+        stuck.open({**h, "streamtype": "error"})
+        d = stuck.open({**h, "streamtype": "data"})
+        stuck.window_update(d.sid, 1 << 30)
+        stuck.window_update(0, 1 << 30)
+        time.sleep(1.0)                 # our writes to it are blocked by now
+        for i in range(3):
+            c = SpdyClient.connect(node.addr, ["portforward.k8s.io"], tls=node.client_tls,
+                                   path="/portForward/default/web")
+            h = {"port": str(echo.port), "requestid": "0"}
+            e = c.open({**h, "streamtype": "error"})
+            dd = c.open({**h, "streamtype": "data"})
+            c.send(dd, b"hi %d" % i, fin=True)
+            assert c.read_all(dd, timeout=10) == b"E:hi %d" % i
+            assert c.read_all(e, timeout=10) == b""
+            c.close()
+        stuck.sock.close()
+    finally:
+        stop.set()
+        flood.close()
+        echo.close()

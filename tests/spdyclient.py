@@ -137,6 +137,9 @@ def parse_one(buf: bytes, inflater: Inflater):
     return f, 8 + length
 
 
+WINDOW_BATCH = 32768
+
+
 class CStream:
     def __init__(self, sid: int, headers: dict):
         self.sid = sid
@@ -162,6 +165,7 @@ class SpdyClient:
         self.next_sid = 1
         self.session_window = 65536
         self.initial_window = 65536
+        self.unacked: dict[int, int] = {}         # consumed, not yet given back
         self.eof = False
         self.protocol = None
         self.status = None
@@ -173,7 +177,7 @@ class SpdyClient:
 
     @classmethod
     def connect(cls, addr, protocols, *, path="/exec/ns/pod/c?command=sh", tls: ssl.SSLContext | None = None,
-                extra_headers=(), **kw) -> "SpdyClient":
+                extra_headers=(), reader: bool = True, **kw) -> "SpdyClient":
         raw = socket.create_connection(addr, timeout=10)
         sock = tls.wrap_socket(raw, server_hostname="localhost") if tls else raw
         sock.settimeout(None)
@@ -184,7 +188,9 @@ class SpdyClient:
         req += [f"{k}: {v}" for k, v in extra_headers]
         sock.sendall(("\r\n".join(req) + "\r\n\r\n").encode())
         c._read_response()
-        if c.status == 101:
+        # reader=False: a client that never reads what the server sends
+        # (a stalled kubectl, a dead peer whose TCP window is closed).
+        if c.status == 101 and reader:
             threading.Thread(target=c._reader, daemon=True).start()
         return c
 
@@ -242,7 +248,13 @@ class SpdyClient:
                 if f["flags"] & 1:
                     st.fin = True
                 if self.window_updates and f["data"]:
-                    wu = [(st.sid, len(f["data"])), (0, len(f["data"]))]
+                    # Given back in batches of half a window, as Go's
+                    # http2 and our server do: one frame per data frame
+                    # would cost a TLS record each way per keystroke.
+                    for sid in (st.sid, 0):
+                        self.unacked[sid] = self.unacked.get(sid, 0) + len(f["data"])
+                        if self.unacked[sid] >= WINDOW_BATCH:
+                            wu.append((sid, self.unacked.pop(sid)))
             elif t == T_SYN_REPLY and st is not None:
                 st.reply_headers = f["headers"]
                 st.fin = st.fin or bool(f["flags"] & 1)
@@ -261,8 +273,9 @@ class SpdyClient:
             self.cond.notify_all()
         if t == T_PING and f["id"] % 2 == 0:
             self.send_raw(ctrl(T_PING, 0, f["id"].to_bytes(4, "big")))   # echo server pings
-        for sid, n in wu:
-            self.window_update(sid, n)
+        if wu:
+            self.send_raw(b"".join(ctrl(T_WINDOW, 0, sid.to_bytes(4, "big") + n.to_bytes(4, "big"))
+                                   for sid, n in wu))
 
     # -- sending -------------------------------------------------------------
 

@@ -95,11 +95,11 @@ class Manager:
 class Node:
     """The whole stack; url(path) for clients."""
 
-    def __init__(self, env, tmp: Path):
+    def __init__(self, env, tmp: Path, priv=None):
         self.env = env
         # The logger's root, should the logger not make it itself.
         os.makedirs(os.path.join(env.cfg.log_dir, "pods"), exist_ok=True)
-        self.priv = env.priv()
+        self.priv = priv if priv is not None else env.priv()
         self.mgr = Manager(self.priv.client)
         self.mgr.runtime.start()
         self.backend = agentbackend.AgentBackend(self.mgr, env.cfg.log_dir)

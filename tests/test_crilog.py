@@ -467,6 +467,28 @@ def test_follow_across_rotations_deterministic(tmp_path):
     assert w.rotations > 20
 
 
+def test_follow_many_rotations_within_a_second_with_removal(tmp_path):
+    """Several rotations in one second while old files are removed (a
+    fast writer, the default max_files): a removed name's sequence number
+    must not be given to a newer file, else it sorts as the oldest, the
+    writer removes it and a follower reads files twice.  (Seen as extra
+    bytes from `logs -f` in bench/nodeapi.py.)"""
+    rec = len(b"2023-11-14T22:13:20Z stdout F line 00000\n")
+    w = LogWriter(str(tmp_path), 0, max_size=3 * rec, max_files=3)
+    r = LogReader(container_log_files(str(tmp_path), 0), follow=True)
+    got = []
+    for i in range(60):
+        write_lines(w, i, 1, T0)            # all within one second
+        got.append(r.poll())
+    # Rotated names still sort in the order they were made.
+    files = container_log_files(str(tmp_path), 0)
+    assert [os.path.getsize(p) // rec for p in files] == [3, 3, 3]
+    assert logs(tmp_path) == b"".join(b"line %05d\n" % i for i in range(51, 60))
+    w.close()
+    got.append(r.poll(final=True))
+    assert b"".join(got) == b"".join(b"line %05d\n" % i for i in range(60))
+
+
 def test_follow_across_rotation_threaded(tmp_path):
     """A writer thread rotating every few hundred lines, a follower in
     read_logs: every line once, in order."""

@@ -7,6 +7,7 @@ share the host network until the pod network lands, and the parent dials
 127.0.0.1 for them.  One test puts a server in a network namespace of its
 own and has the parent dial from inside it, as it will for pods with one."""
 
+import functools
 import os
 import shutil
 import socket
@@ -181,10 +182,23 @@ def test_priv_refuses_unknown_pods(node):
     assert e.value.code == "NOT_FOUND"
 
 
+class FakeRuntime:
+    """What PortForwarder reads of PodRuntime: its pods and how a process
+    enters a pod's network."""
+
+    def __init__(self, entry):
+        self.pods = {POD_A: {"host_network": False}}
+        self.entry = entry
+
+    def network_entry(self, pod_uid):
+        return self.entry
+
+
 @pytest.mark.skipif(not shutil.which("ip") or os.geteuid() != 0, reason="needs ip(8) and root")
 def test_priv_dials_from_inside_a_network_namespace(node):
     """A server listening on 127.0.0.1 of a network namespace is reached
     through it, and not through the host's loopback."""
+    from pufflet.platform import linux_net
     ns = f"pufflet-pftest-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     srv = None
@@ -198,19 +212,112 @@ def test_priv_dials_from_inside_a_network_namespace(node):
              "c,_=s.accept();c.sendall(b'inside:'+c.recv(100));c.close()"],
             stdout=subprocess.PIPE)
         assert srv.stdout.readline() == b"up\n"
-        pods = {POD_A: {"host_network": False}}
-        fwd = PortForwarder(type("R", (), {"pods": pods})(), netns_of=lambda uid, pod: ns)
-        _, fds = fwd.port_forward({"pod_uid": POD_A, "port": port}, [])
+        inside = functools.partial(linux_net.enter_netns, ns)
+        _, fds = PortForwarder(FakeRuntime(inside)).port_forward(
+            {"pod_uid": POD_A, "port": port}, [])
         s = socket.socket(fileno=fds[0])
         s.sendall(b"hi")
         assert s.recv(100) == b"inside:hi"
         s.close()
-        host = PortForwarder(type("R", (), {"pods": pods})(), netns_of=lambda uid, pod: None)
         with pytest.raises(Status) as e:       # nobody on the host's port
-            host.port_forward({"pod_uid": POD_A, "port": port}, [])
+            PortForwarder(FakeRuntime(None)).port_forward({"pod_uid": POD_A, "port": port}, [])
         assert "connection refused" in e.value.message
+        gone = functools.partial(linux_net.enter_netns, ns + "-gone")
+        with pytest.raises(Status) as e:       # a network that cannot be entered
+            PortForwarder(FakeRuntime(gone)).port_forward({"pod_uid": POD_A, "port": port}, [])
+        assert e.value.code == "INTERNAL" and "cannot enter the pod's network" in e.value.message
     finally:
         if srv is not None:
             srv.kill()
             srv.wait()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+class RecordingLibc:
+    """setrtable(2) as OpenBSD's libc has it, recording each call's C
+    argument types and values in a file: the call is made in the forked
+    dialer, whose memory the test cannot see."""
+
+    def __init__(self, path, fail_errno=0):
+        self.path, self.fail_errno = path, fail_errno
+
+    def setrtable(self, *args):
+        with open(self.path, "a") as f:
+            f.write(repr((type(args[0]).__name__, args[0].value, len(args))) + "\n")
+        return -1 if self.fail_errno else 0
+
+    def get_errno(self):
+        return self.fail_errno
+
+
+def test_priv_dials_from_the_pods_rdomain_golden(tmp_path):
+    """OpenBSD: the dialer calls setrtable(2) with the pod's rdomain (one C
+    int, rdomain(4), setrtable(2)) before connect(2).  The entry is the
+    one the OpenBSD backend gives a pod; here the connect then lands on
+    the host's loopback, as no rdomain exists on Linux."""
+    from pufflet.priv import podnet
+    from pufflet.priv.netalloc import PodAddr
+    calls = tmp_path / "calls"
+    backend = podnet.OpenBSDBackend(libc=RecordingLibc(calls))
+    entry = backend.entry(PodAddr(POD_A, "10.250.0.9", 24, "10.250.0.1", 9))
+    echo = Echo(b"host:")
+    try:
+        _, fds = PortForwarder(FakeRuntime(entry)).port_forward(
+            {"pod_uid": POD_A, "port": echo.port}, [])
+        s = socket.socket(fileno=fds[0])
+        s.sendall(b"x")
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b"host:x"
+        s.close()
+    finally:
+        echo.close()
+    assert calls.read_text() == "('c_int', 9, 1)\n"
+    # A table that does not exist: EINVAL, and no connection is made.
+    import errno
+    backend = podnet.OpenBSDBackend(libc=RecordingLibc(calls, errno.EINVAL))
+    entry = backend.entry(PodAddr(POD_A, "10.250.0.9", 24, "10.250.0.1", 9))
+    with pytest.raises(Status) as e:
+        PortForwarder(FakeRuntime(entry)).port_forward({"pod_uid": POD_A, "port": 80}, [])
+    assert e.value.code == "INTERNAL" and "Invalid argument" in e.value.message
+
+
+def test_a_client_that_stops_reading_blocks_nobody(node):
+    """A port-forward client that opened a huge window and stopped reading
+    while the pod's server floods it stalls only its own connection."""
+    flood = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def pour():
+        conn, _ = flood.accept()
+        try:
+            while not stop.is_set():
+                conn.sendall(b"z" * 65536)
+        except OSError:
+            pass
+        conn.close()
+    threading.Thread(target=pour, daemon=True).start()
+    echo = Echo(b"E:")
+    try:
+        stuck = SpdyClient.connect(node.addr, ["portforward.k8s.io"], tls=node.client_tls,
+                                   path="/portForward/default/web", reader=False)
+        h = {"port": str(flood.getsockname()[1]), "requestid": "0"}
+        stuck.open({**h, "streamtype": "error"})
+        d = stuck.open({**h, "streamtype": "data"})
+        stuck.window_update(d.sid, 1 << 30)
+        stuck.window_update(0, 1 << 30)
+        time.sleep(1.0)                 # our writes to it are blocked by now
+        for i in range(3):
+            c = SpdyClient.connect(node.addr, ["portforward.k8s.io"], tls=node.client_tls,
+                                   path="/portForward/default/web")
+            h = {"port": str(echo.port), "requestid": "0"}
+            e = c.open({**h, "streamtype": "error"})
+            dd = c.open({**h, "streamtype": "data"})
+            c.send(dd, b"hi %d" % i, fin=True)
+            assert c.read_all(dd, timeout=10) == b"E:hi %d" % i
+            assert c.read_all(e, timeout=10) == b""
+            c.close()
+        stuck.sock.close()
+    finally:
+        stop.set()
+        flood.close()
+        echo.close()

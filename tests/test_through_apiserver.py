@@ -127,3 +127,82 @@ def test_node_refuses_an_api_server_it_does_not_trust(cluster, tmp_path):
     finally:
         api.kubelet_client_cert = saved
     assert core.read_namespaced_pod_log("web", "default", tail_lines=1).startswith("tick ")
+
+
+def test_exec_through_the_api_server(cluster):
+    """kubectl exec's path with the kubernetes client's stream module
+    (WebSocket to the API server, relayed to the node): stdin, stdout,
+    stderr apart, the exit code from the error channel's Status."""
+    _, core, _ = cluster
+    ws = stream(core.connect_get_namespaced_pod_exec, "web", "default", container="app",
+                command=["/bin/sh", "-c", 'read l; echo "got $l"; echo oops >&2; exit 3'],
+                stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False)
+    ws.write_stdin("hello\n")
+    ws.run_forever(timeout=20)
+    assert ws.read_stdout() == "got hello\n"
+    assert ws.read_stderr() == "oops\n"
+    assert ws.returncode == 3
+    out = stream(core.connect_get_namespaced_pod_exec, "web", "default", container="app",
+                 command=["/bin/sh", "-c", "echo $HOME; pwd"], stdout=True, stderr=True,
+                 stdin=False, tty=False)
+    assert out.splitlines()[-1] == "/"
+
+
+def test_port_forward_through_the_api_server(cluster):
+    """kubectl port-forward's path: the pod shares the node's network here
+    (no pod CIDR), so a server on the node's 127.0.0.1 is the pod's."""
+    _, core, _ = cluster
+    ls = socket.create_server(("127.0.0.1", 0))
+    port = ls.getsockname()[1]
+
+    def serve():
+        conn, _ = ls.accept()
+        while d := conn.recv(100):
+            conn.sendall(b"pod:" + d)
+        conn.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        pf = portforward(core.connect_get_namespaced_pod_portforward, "web", "default",
+                         ports=str(port))
+        s = pf.socket(port)
+        s.settimeout(10)
+        s.sendall(b"ping")
+        got = b""
+        while len(got) < 8:
+            got += s.recv(100)
+        assert got == b"pod:ping" and pf.error(port) is None
+        pf.close()
+    finally:
+        ls.close()
+
+
+def test_exec_over_spdy_through_the_api_server(cluster):
+    """What kubectl up to 1.30 and every API server up to 1.35 speak: SPDY
+    from the client (tests/spdyclient.py, as client-go), relayed to the
+    node; a tty (it echoes, with CRLF) with a resize stream, the exit code
+    in the v4 Status.  (The base image has no stty(1): test_remotecommand
+    checks the window size itself.)"""
+    import json
+    import ssl
+    import urllib.parse
+    import yaml
+    import spdyclient as sc
+    api, _, _ = cluster
+    user = yaml.safe_load(api.kubeconfig("admin").read_text())["users"][0]["user"]
+    ctx = ssl.create_default_context(cafile=str(api.ca.cert))
+    ctx.load_cert_chain(user["client-certificate"], user["client-key"])
+    query = urllib.parse.urlencode([("command", "/bin/sh"), ("command", "-c"),
+                                    ("command", 'read l; echo "[$l]"; exit 5'), ("container", "app"),
+                                    ("stdin", "true"), ("stdout", "true"), ("tty", "true")])
+    c = sc.SpdyClient.connect(("127.0.0.1", api.port), ["v4.channel.k8s.io"], tls=ctx,
+                              path=f"/api/v1/namespaces/default/pods/web/exec?{query}")
+    assert c.status == 101 and c.protocol == "v4.channel.k8s.io", c.body
+    s = {k: c.open({"streamtype": k}) for k in ("error", "stdin", "stdout", "resize")}
+    for st in s.values():
+        c.wait_reply(st)
+    c.send(s["resize"], json.dumps({"Width": 77, "Height": 22}).encode())
+    c.send(s["stdin"], b"go\n")
+    assert c.read_all(s["stdout"], timeout=10) == b"go\r\n[go]\r\n"
+    assert sc.parse_exit_code(c.read_all(s["error"], timeout=10)) == 5
+    c.close()

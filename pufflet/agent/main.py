@@ -116,6 +116,7 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
     from pufflet.agent import pods
     from pufflet.agent.runtime import Runtime
     from pufflet.nodeapi import app as nodeapi, pods as nodeapi_pods, stats as nodeapi_stats
+    from pufflet.nodeapi import agentbackend, portforward as nodeapi_portforward, remotecommand
     # The node API's certificate, key and client CA may be root's: read
     # them now.
     prepared = None
@@ -243,6 +244,12 @@ def main(sock: socket.socket, cfg: Config, spec: Spec, ident: drop.Identity) -> 
                                            cfg.node_name,
                                            nodeapi_stats.lookup_from_manager(manager))
         nodeapi_stats.add_routes(server, source)
+        # kubectl exec, attach and port-forward: the processes, stdins and
+        # connections are the parent's (StartExec, AttachContainer,
+        # PortForward), handed to us as fds.
+        streams = agentbackend.AgentBackend(manager, cfg.log_dir)
+        remotecommand.register(server, streams)
+        nodeapi_portforward.register(server, streams)
         threading.Thread(target=source.run, args=(stop,), daemon=True,
                          name="stats").start()
     seq = 0

@@ -927,7 +927,7 @@ class PodManager:
                "image": c.digest, "argv": argv, "env": env_list,
                "working_dir": c.working_dir, "mounts": _mounts(cspec),
                "limits": _limits(cspec), "stdin": bool(cspec.get("stdin")),
-               "tty": bool(cspec.get("tty"))}
+               "tty": bool(cspec.get("tty")), "stdin_once": bool(cspec.get("stdinOnce"))}
         try:
             got = self.runtime.start_container(req)
         except Status as e:

@@ -134,14 +134,15 @@ class LogWriter:
         rotated files beyond max_files-1 are removed, oldest first.
         """
         ns = _ns(now)
-        seq = 0
-        while True:
-            rotated = f"{self.name}.{rotated_suffix(ns, seq)}"
-            try:
-                os.stat(rotated, dir_fd=self._dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                break
-            seq += 1
+        # Several rotations in one second get increasing sequence numbers.
+        # Past the highest one of that second, never the first free one:
+        # once the oldest files are removed, a free low number would make
+        # the newest file sort as the oldest (removed next, and read again
+        # by a follower).
+        stamp = rotation_key(rotated_suffix(ns))
+        taken = [k[1] for k, _ in self._rotated() if k[0] == stamp[0]]
+        seq = max(taken) + 1 if taken else 0
+        rotated = f"{self.name}.{rotated_suffix(ns, seq)}"
         os.rename(self.name, rotated, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
         os.close(self._fd)
         self._fd = -1

@@ -15,7 +15,7 @@ from pufflet.logs.reader import container_log_files
 from pufflet.logs.writer import container_log_dir
 from pufflet.privsep.channel import Status
 
-from .streaming import ExecError, StartedExec, Target, not_found
+from .streaming import AttachedStdin, ExecError, StartedExec, Target, not_found
 
 CALL = 30.0
 
@@ -58,6 +58,17 @@ class AgentBackend:
         except Status as e:
             raise ExecError(e.message) from None
         return StartedExec(exec_id, fds, fut)
+
+    def attach(self, target: Target) -> AttachedStdin | None:
+        try:
+            r = self.runtime.client.call("AttachContainer", {"pod_uid": target.pod_uid,
+                                                             "name": target.container},
+                                         timeout=CALL)
+        except Status as e:
+            if e.code in ("FAILED_PRECONDITION", "NOT_FOUND"):
+                return None     # output only, from the log
+            raise ExecError(e.message) from None
+        return AttachedStdin(r.fds[0], r.body["tty"], r.body["stdin"])
 
     def log_files(self, target: Target) -> list:
         d = container_log_dir(self.log_root, target.namespace, target.pod, target.pod_uid,

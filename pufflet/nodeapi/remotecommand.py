@@ -9,11 +9,17 @@ to the pty, and report the exit (which arrives on the parent's
 WatchContainers stream) as the kubelet does: a Status on the error
 stream.
 
-attach: a container's main process runs with stdin on /dev/null and its
-output going to the logger (priv/logger.py), so there is nothing to
-attach stdin or a terminal to.  Attach is read-only: it follows the
-container's log from now on, stdout and stderr apart, until the
-container ends; asking for stdin or a tty is refused with a clear 400.
+attach: the container's output goes to the logger (priv/logger.py), so
+attach follows its log from now on, stdout and stderr apart, until the
+container ends.  Its input: a container started with stdin: true has a
+pipe, one with tty: true a pty, whose write end (master) the parent keeps
+for the container's life and lends us a duplicate of (AttachContainer).
+What the client types goes there; resize messages set the pty's window.
+As containerd does, input for a container without stdin is read and
+dropped.  Ending our stdin closes only our duplicate: the container's
+stdin stays open for the next attach.  With stdinOnce the first attach
+gets the parent's own fd, so its end is the container's EOF (with a tty
+the terminal stays open: the logger holds the master too).
 """
 
 from __future__ import annotations
@@ -32,12 +38,11 @@ from pufflet.logs.reader import LogReader
 
 from . import spdy, streamproto as sp, wsstream
 from .server import Request
-from .streaming import (STREAM_CREATION_TIMEOUT, Backend, ExecError, Target, Upgraded,
-                        bad_request, close_quietly, upgrade)
+from .streaming import (STREAM_CREATION_TIMEOUT, AttachedStdin, Backend, ExecError, Target,
+                        Upgraded, close_quietly, upgrade, bad_request)
 
 log = logging.getLogger("pufflet.nodeapi.remotecommand")
 
-ATTACH_STDIN_REFUSED = "pufflet cannot attach stdin: containers run without a stdin pipe"
 # After the process exits, output still in the pipes is sent; a child it
 # left behind holding them open must not keep the session forever: once
 # no output came for this long, we stop.
@@ -240,17 +245,21 @@ class ProcessFds:
     """The exec's fds, closed once, never while an ioctl or a write is on
     them (a closed fd number is soon someone else's)."""
 
-    def __init__(self, stdin: int, stdout: int, stderr: int, tty: bool) -> None:
+    def __init__(self, stdin: int, stdout: int | None, stderr: int | None,
+                 tty: bool) -> None:
         self.tty = tty
         # Non-blocking, so a process that stops reading cannot wedge us in
         # write(2).  With a tty this is the master's one file description.
         os.set_blocking(stdin, False)
         self.stdin: int | None = stdin
-        self.outs: dict[str, int] = {sp.STDOUT: stdout}
-        if tty:
-            os.close(stderr)    # the same pty master: read it once
-        else:
-            self.outs[sp.STDERR] = stderr
+        self.outs: dict[str, int] = {}
+        if stdout is not None:
+            self.outs[sp.STDOUT] = stdout
+        if stderr is not None:
+            if tty:
+                os.close(stderr)    # the same pty master: read it once
+            else:
+                self.outs[sp.STDERR] = stderr
         self.lock = threading.Lock()
         self.closed = False
 
@@ -289,7 +298,8 @@ class ProcessFds:
 
     def resize(self, size: sp.TerminalSize) -> None:
         with self.lock:
-            fd = self.outs.get(sp.STDOUT)
+            # The master: exec's output fd, or attach's only one.
+            fd = self.outs.get(sp.STDOUT, self.stdin)
             if self.tty and fd is not None:
                 fcntl.ioctl(fd, termios.TIOCSWINSZ, sp.winsize(size))
 
@@ -350,11 +360,17 @@ class OutputPump(threading.Thread):
                 self.join()
 
 
-def _pump_stdin(fds: ProcessFds, ch: Channels, stop: threading.Event) -> None:
+def _pump_stdin(fds: ProcessFds | None, ch: Channels, stop: threading.Event) -> None:
     while not stop.is_set():
         data = ch.read(sp.STDIN)
-        if not data or not fds.write_stdin(data, stop):
+        if not data:
             break
+        if fds is None:
+            continue            # nowhere to go: read and dropped
+        if not fds.write_stdin(data, stop):
+            break
+    if fds is None:
+        return
     # End of stdin (SPDY FIN, v5 close, the client gone): EOF for the
     # process.  With a tty this closes only our dup of the master.
     fds.close_stdin()
@@ -391,7 +407,8 @@ def run_exec(ch: Channels, backend: Backend, target: Target, opts: Options) -> N
     try:
         started = backend.start_exec(target, list(opts.command), opts.tty)
     except ExecError as e:
-        ch.finish(sp.exit_status(None, error=str(e)))
+        # As the kubelet words a runtime that could not run the command.
+        ch.finish(sp.exit_status(None, error=f"error executing command in container: {e}"))
         return
     fds = ProcessFds(*started.fds, tty=opts.tty)
     stop = threading.Event()
@@ -432,9 +449,8 @@ def run_exec(ch: Channels, backend: Backend, target: Target, opts: Options) -> N
 
 # -- attach: the container's output, from its log ------------------------------------
 
-def _follow(backend: Backend, target: Target, ch: Channels, kind: str,
+def _follow(reader: LogReader, backend: Backend, target: Target, ch: Channels, kind: str,
             stop: threading.Event) -> None:
-    reader = LogReader(backend.log_files(target), tail_lines=0, follow=True, stream=kind)
     ended_at: float | None = None
     try:
         while not reader.done and not stop.is_set():
@@ -456,25 +472,51 @@ def _follow(backend: Backend, target: Target, ch: Channels, kind: str,
         reader.close()
 
 
-def run_attach(ch: Channels, backend: Backend, target: Target, opts: Options) -> None:
+def run_attach(ch: Channels, backend: Backend, target: Target, opts: Options,
+               att: AttachedStdin | None) -> None:
     stop = threading.Event()
-    threads = [threading.Thread(target=_follow, args=(backend, target, ch, kind, stop),
-                                name=f"attach-{kind}", daemon=True)
-               for kind in (sp.STDOUT, sp.STDERR) if ch.has(kind)]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        if ch.gone():
-            stop.set()
-            for t in threads:
-                t.join()
-            ch.abort()
-            return
+    fds = ProcessFds(att.fd, None, None, att.tty) if att is not None else None
+    # The output from now on: found before any input is passed, so that
+    # the answer to it cannot come before the place we follow from.
+    readers = {kind: LogReader(backend.log_files(target), tail_lines=0, follow=True,
+                               stream=kind)
+               for kind in (sp.STDOUT, sp.STDERR) if ch.has(kind)}
+    try:
+        if opts.stdin and ch.has(sp.STDIN):
+            writer = fds if att is not None and att.stdin else None
+            threading.Thread(target=_pump_stdin, args=(writer, ch, stop),
+                             name="attach-stdin", daemon=True).start()
+        if fds is not None and att.tty and ch.has(sp.RESIZE):
+            threading.Thread(target=_pump_resize, args=(fds, ch), name="attach-resize",
+                             daemon=True).start()
+        threads = [threading.Thread(target=_follow,
+                                    args=(reader, backend, target, ch, kind, stop),
+                                    name=f"attach-{kind}", daemon=True)
+                   for kind, reader in readers.items()]
         for t in threads:
-            t.join(POLL / len(threads))
-    for kind in (sp.STDOUT, sp.STDERR):
-        ch.end(kind)
-    ch.finish(sp.status_success())
+            t.start()
+        while any(t.is_alive() for t in threads):
+            if ch.gone():
+                stop.set()
+                for t in threads:
+                    t.join()
+                ch.abort()
+                return
+            for t in threads:
+                t.join(POLL / len(threads))
+        if not threads:
+            # Input only: until the container ends or the client leaves.
+            while backend.running(target) and not ch.gone():
+                stop.wait(POLL)
+        for kind in (sp.STDOUT, sp.STDERR):
+            ch.end(kind)
+        ch.finish(sp.status_success())
+    finally:
+        stop.set()
+        if fds is not None:
+            fds.close()
+        for r in readers.values():
+            r.close()       # those a follower never started with
 
 
 # -- the handlers -------------------------------------------------------------------
@@ -484,23 +526,37 @@ def serve(req: Request, match, backend: Backend, exec_: bool) -> None:
     upgrade are server.HTTPError, answered by the server."""
     params = match.groupdict()
     opts = parse_options(req.query, exec_)
-    if not exec_ and (opts.stdin or opts.tty):
-        raise bad_request(ATTACH_STDIN_REFUSED)
     target = backend.resolve(params["namespace"], params["pod"], params["container"],
                              params.get("uid"))
     what = "exec" if exec_ else "attach"
     up = upgrade(req, sp.SPDY_REMOTECOMMAND_PROTOCOLS, sp.WS_REMOTECOMMAND_PROTOCOLS, what)
     if up is None:
         return
+    att = None
     try:
         ch = open_channels(up, opts)
-        if ch is not None:
-            (run_exec if exec_ else run_attach)(ch, backend, target, opts)
+        if ch is None:
+            pass
+        elif exec_:
+            run_exec(ch, backend, target, opts)
+        else:
+            # Only now that the client is there: with stdinOnce, taking
+            # the container's stdin is what ends it at the close.
+            if opts.stdin or opts.tty:
+                try:
+                    att = backend.attach(target)
+                except ExecError as e:
+                    log.warning("attach %s/%s/%s: no stdin: %s", target.namespace,
+                                target.pod, target.container, e)
+            run_attach(ch, backend, target, opts, att)
+            att = None          # run_attach closed it
     except Exception:       # noqa: BLE001 - the connection is ours: log, close
         log.exception("%s %s/%s/%s: failed", what, target.namespace, target.pod,
                       target.container)
     finally:
         close_quietly(up.sock)
+        if att is not None:
+            os.close(att.fd)
 
 
 def register(server, backend: Backend) -> None:
@@ -514,4 +570,4 @@ def register(server, backend: Backend) -> None:
 
 
 __all__ = ["Options", "parse_options", "serve", "register", "run_exec", "run_attach",
-           "ATTACH_STDIN_REFUSED", "EXEC_ROUTE", "ATTACH_ROUTE"]
+           "EXEC_ROUTE", "ATTACH_ROUTE"]

@@ -585,7 +585,14 @@ class Session:
         self._encoder = FrameEncoder()
         self._name = name
 
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # The writer waits on a condition of its own (same lock): woken
+        # only when there is something to send or it must stop, not by
+        # every byte a stream reader takes, and readers are not woken by
+        # every frame queued.  Each needless wakeup costs a GIL handoff,
+        # which is most of an interactive round trip.
+        self._wcond = threading.Condition(lock)
         self._streams: dict[int, Stream] = {}
         self._accept_q: deque[Stream] = deque()
         self._ctrl_q: deque = deque()   # session control frames: go first
@@ -671,6 +678,7 @@ class Session:
         with self._cond:
             self._writer_stop = True
             self._cond.notify_all()
+            self._wcond.notify()
         if threading.current_thread() is not self._writer:
             self._writer.join(linger + 5)
         if threading.current_thread() is not self._reader:
@@ -699,12 +707,12 @@ class Session:
 
     def _queue_ctrl(self, frame: Frame) -> None:
         self._ctrl_q.append(frame)
-        self._cond.notify_all()
+        self._wcond.notify()
 
     def _queue_data(self, frame: Frame, nbytes: int = 0) -> None:
         self._data_q.append((frame, nbytes))
         self._queued_bytes += nbytes
-        self._cond.notify_all()
+        self._wcond.notify()
 
     def _forget(self, st: Stream) -> None:
         if self._streams.get(st.stream_id) is st:
@@ -852,7 +860,7 @@ class Session:
             while True:
                 with self._cond:
                     while not (self._ctrl_q or self._data_q or self._writer_stop or self._dead):
-                        self._cond.wait()
+                        self._wcond.wait()
                     if self._dead:
                         return
                     if not (self._ctrl_q or self._data_q):
@@ -921,6 +929,7 @@ class Session:
                     if not st.remote_closed and st.reset_status is None:
                         st.reset_status = CANCEL
                 self._cond.notify_all()
+                self._wcond.notify()
             self._writer.join()
             self._teardown()
 
@@ -935,6 +944,7 @@ class Session:
             for ev in self._pings.values():
                 ev.set()
             self._cond.notify_all()
+            self._wcond.notify()
         self.peer_gone.set()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)

@@ -61,6 +61,14 @@ class StartedExec:
     exit: Future            # resolves to an ExecExit (or anything with its fields)
 
 
+@dataclass
+class AttachedStdin:
+    """A container's stdin for attach: fd is ours to close."""
+    fd: int
+    tty: bool       # fd is its pty master (the window size is set there)
+    stdin: bool     # it was started with stdin: true (else input is dropped)
+
+
 class ExecError(Exception):
     """The process could not be started; the message is the runtime's."""
 
@@ -73,6 +81,10 @@ class Backend(Protocol):
 
     def start_exec(self, target: Target, argv: list[str], tty: bool) -> StartedExec:
         """Raises ExecError."""
+
+    def attach(self, target: Target) -> AttachedStdin | None:
+        """The running container's stdin, or None when it has none (its
+        spec asks for neither stdin nor tty) or does not run."""
 
     def log_files(self, target: Target) -> list[Any]:
         """The container run's CRI log files (paths or fds), oldest first;

@@ -363,7 +363,10 @@ class Logger:
         except BlockingIOError:
             return
         except OSError as e:
-            log.warning("%s: reading %s: %s", c.writer.path, stream, e.strerror)
+            # EIO is a tty container's pty master once its last slave is
+            # closed: its end of output, like a pipe's EOF.
+            if e.errno != errno.EIO:
+                log.warning("%s: reading %s: %s", c.writer.path, stream, e.strerror)
             data = b""
         if data:
             c.writer.feed(stream, data)

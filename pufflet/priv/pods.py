@@ -158,6 +158,12 @@ class PodRuntime:
         self.routes = PodRoutes(cfg.state_dir, cfg.pod_routes, self.net.backend,
                                 lambda: self.net.cidr(None))
         self.procs: dict[int, _Proc] = {}
+        # container_id -> its stdin as attach writes to it: the write end of
+        # its stdin pipe (stdin: true) or its pty master (tty: true).  Held
+        # here for the container's life, so that its stdin stays open
+        # between attaches, as the kubelet's runtimes keep it; not in the
+        # state file (an fd does not survive a restart of pufflet).
+        self.attach_fds: dict[str, _Attach] = {}
         self._subscribers: list[deque] = []
         # Called when an event is queued: the Supervisor wakes parked streams.
         self.waker: Callable[[], None] | None = None
@@ -207,12 +213,20 @@ class PodRuntime:
         fds = [self.watcher.fileno()]
         if self.logger.fileno() >= 0:
             fds.append(self.logger.fileno())
+        fds += [a.fd for a in self.attach_fds.values()]
         return fds
 
     def close(self) -> None:
         """Let go of fds (the processes keep running)."""
         self.watcher.close()
         self.logger.close()
+        for cid in list(self.attach_fds):
+            self._drop_attach(cid)
+
+    def _drop_attach(self, container_id: str) -> None:
+        a = self.attach_fds.pop(container_id, None)
+        if a is not None:
+            os.close(a.fd)
 
     def _store_get(self):
         if self._store is None:
@@ -282,6 +296,8 @@ class PodRuntime:
         if p.exec_id is not None:
             ev["exec_id"] = p.exec_id
         else:
+            # Its stdin goes with it (a pty master: the logger has its own).
+            self._drop_attach(p.container_id)
             c = self.pods.get(p.pod_uid, {}).get("containers", {}).get(p.name)
             if c is not None and c["container_id"] == p.container_id:
                 c.update(running=False, finished_at=now, reason=reason)
@@ -309,6 +325,7 @@ class PodRuntime:
                 "SignalContainer": self.signal_container, "RemovePod": self.remove_pod,
                 "ListPods": self.list_pods, "WatchContainers": self.watch_containers,
                 "StartExec": self.start_exec, "SignalExec": self.signal_exec,
+                "AttachContainer": self.attach_container,
                 "SetPodRoutes": self.routes.set_pod_routes}
 
     def create_pod(self, body: dict, fds: list[int]) -> dict:
@@ -476,7 +493,8 @@ class PodRuntime:
                                      container_id, Spawn(
             argv=tuple(body["argv"]), env=tuple(body["env"]), root=root, uid=uid,
             gid=uid, cwd=body["working_dir"], rlimits=plan.rlimits, nice=plan.nice,
-            enter_network=self.network_entry(pod_uid)))
+            enter_network=self.network_entry(pod_uid)), body["stdin"], body["tty"],
+            body.get("stdin_once", False))
         now = time.time()
         pod["containers"][name] = {
             "container_id": container_id, "restart_count": body["restart_count"],
@@ -495,13 +513,37 @@ class PodRuntime:
         return {"container_id": container_id, "pid": started.pid, "started_at": now}
 
     def _spawn_logged(self, pod_uid: str, pod: dict, name: str, restart: int,
-                      container_id: str, spec: Spawn):
-        """spawn with stdout and stderr on pipes whose read ends the logger
-        holds.  stdin is /dev/null: attach (stdin, tty) comes with the node
-        API and will keep a pipe's write end here."""
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+                      container_id: str, spec: Spawn, stdin: bool = False,
+                      tty: bool = False, stdin_once: bool = False):
+        """spawn with its output on pipes whose read ends the logger holds.
+
+        stdin: false: /dev/null.  stdin: true: a pipe whose write end we
+        keep for attach (the container sees EOF only when it ends).
+        tty: true: a pty, the container's controlling terminal on its
+        stdin, stdout and stderr, as runc gives one; the logger reads the
+        master (so everything is stdout, as the kubelet logs a tty) and we
+        keep the master for attach's input and window size."""
+        here: list[int] = []        # closed when we return
+        keep = -1                   # attach's, on success
         try:
+            if tty:
+                keep, slave = os.openpty()
+                here.append(slave)
+                out_r = os.dup(keep)
+                err_r, err_w = os.pipe()
+                os.close(err_w)     # a terminal has one output: stderr ends at once
+                child = dict(stdin=slave, stdout=slave, stderr=slave,
+                             enter_network=functools.partial(_tty_and_network, slave,
+                                                             spec.enter_network))
+            else:
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                here += [out_w, err_w]
+                child = dict(stdout=out_w, stderr=err_w)
+                if stdin:
+                    in_r, keep = os.pipe()
+                    here.append(in_r)
+                    child["stdin"] = in_r
             try:
                 self.logger.add(container_id, pod["namespace"], pod["name"], pod_uid,
                                 name, restart, out_r, err_r)
@@ -510,16 +552,20 @@ class PodRuntime:
             finally:
                 os.close(out_r)
                 os.close(err_r)
-                out_r = err_r = -1
-            spec = Spawn(**{**_fields(spec), "stdout": out_w, "stderr": err_w})
             try:
-                return spawn(spec)
+                started = spawn(Spawn(**{**_fields(spec), **child}))
             except SpawnError as e:
                 raise Status("FAILED_PRECONDITION", str(e)) from None
+        except BaseException:
+            if keep >= 0:
+                os.close(keep)
+            raise
         finally:
-            for fd in (out_r, err_r, out_w, err_w):
-                if fd >= 0:
-                    os.close(fd)
+            for fd in here:
+                os.close(fd)
+        if keep >= 0:
+            self.attach_fds[container_id] = _Attach(keep, tty, stdin, stdin_once)
+        return started
 
     def _running(self, pod_uid: str, name: str) -> dict:
         c = self._pod(pod_uid)["containers"].get(name)
@@ -543,6 +589,8 @@ class PodRuntime:
         uid = pod["uid"] if pod is not None else self.uids.allocated().get(pod_uid)
         if uid is not None:
             self._kill_pod(pod_uid, uid)
+        for c in (pod or {}).get("containers", {}).values():
+            self._drop_attach(c["container_id"])
         try:
             # After the kill: no process of the pod holds its netns now.
             self.net.teardown(pod_uid)
@@ -688,6 +736,33 @@ class PodRuntime:
                 return {}
         raise Status("NOT_FOUND", f"exec {body['exec_id']} of pod {body['pod_uid']} "
                      "is not running")
+    def attach_container(self, body: dict, fds: list[int]) -> tuple[dict, list[int]]:
+        """A dup of the running container's stdin (pipe write end or pty
+        master) for kubectl attach."""
+        pod_uid, name = body["pod_uid"], body["name"]
+        c = self._running(pod_uid, name)
+        a = self.attach_fds.get(c["container_id"])
+        if a is None:
+            raise Status("FAILED_PRECONDITION", f"container {name} has no stdin and no "
+                         "tty to attach to (stdin: false and tty: false in its spec, "
+                         "stdinOnce and attached once already, or pufflet restarted "
+                         "since it started)")
+        if a.stdin_once:
+            # stdinOnce: this attach gets our fd itself (the channel closes
+            # our number once it is sent): when the attach ends, no write
+            # end is left and the container reads EOF, as `kubectl run -i`
+            # expects.  A later attach gets the output only.
+            del self.attach_fds[c["container_id"]]
+            return {"tty": a.tty, "stdin": a.stdin, "stdin_once": True}, [a.fd]
+        return {"tty": a.tty, "stdin": a.stdin, "stdin_once": False}, [os.dup(a.fd)]
+
+
+@dataclass(frozen=True)
+class _Attach:
+    fd: int
+    tty: bool
+    stdin: bool
+    stdin_once: bool = False
 
 
 def _tty_and_network(tty: int, net: Callable[[], None] | None) -> None:

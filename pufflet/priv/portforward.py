@@ -4,15 +4,17 @@ handed to the agent as an fd (kubectl port-forward; nodeapi/portforward.py).
 Only for pods this parent holds, and only to the loopback address: the
 agent names a pod and a port, never an address or a namespace.
 
-Where the connection starts from:
-- Linux, the pod has its network namespace (linux_net: /run/netns/
-  pufflet-<tag>): a forked helper setns()s into it, connects, and passes
-  the socket back over a socketpair; the parent itself never changes
-  namespace.
-- otherwise (host-network pods, and every pod until the pod network is
-  set up by the runtime): the host's loopback, which is then the pod's.
-  On OpenBSD the pod's rdomain will need no helper at all: SO_RTABLE on
-  the socket before connect(2).
+Where the connection starts from is the pod runtime's network_entry, the
+same call that puts container and exec processes in the pod's network:
+- a pod with its own network: a forked helper enters it (setns(2) into
+  the netns on Linux, setrtable(2) into the rdomain on OpenBSD: see
+  platform/linux_net.py and openbsd_net.py), connects, and passes the
+  socket back over a socketpair.  The parent itself never changes
+  network; on OpenBSD setsockopt(SO_RTABLE) would also do, but a helper
+  keeps one path for both systems, and the socket keeps the rdomain it
+  was made in.
+- hostNetwork pods (and every pod when no pod CIDR is known): the host's
+  loopback, which is then the pod's.
 
 The parent is single-threaded: connects are bounded by CONNECT_TIMEOUT
 (to the loopback they succeed or are refused at once, unless the
@@ -24,7 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import sys
+from typing import Callable
 
 from pufflet.privsep.channel import Status
 
@@ -39,15 +41,20 @@ def _dial(port: int) -> socket.socket:
     return s
 
 
-def _dial_in_netns(netns: str, port: int) -> socket.socket:
-    from pufflet.platform import linux_net
+def _dial_inside(enter: Callable[[], None], port: int) -> socket.socket:
+    """Connect from a forked child that first calls enter() (as root,
+    single-threaded: setns(2) changes only the calling thread)."""
     a, b = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             a.close()
-            linux_net.enter_netns(netns)
+            try:
+                enter()
+            except OSError as e:
+                b.sendall(b"N%d" % (e.errno or errno.EIO))
+                raise
             try:
                 s = _dial(port)
                 socket.send_fds(b, [b"ok"], [s.fileno()])
@@ -68,30 +75,35 @@ def _dial_in_netns(netns: str, port: int) -> socket.socket:
             pass
     if fds:
         return socket.socket(fileno=fds[0])
-    if msg.startswith(b"E"):
+    if msg[:1] in (b"E", b"N") and msg[1:].isdigit():
         err = int(msg[1:])
+        if msg[:1] == b"N":
+            raise _NoNetwork(f"cannot enter the pod's network: {os.strerror(err)}")
         raise OSError(err, os.strerror(err))
-    raise OSError(errno.EIO, f"cannot enter the pod's network namespace {netns}")
+    raise _NoNetwork("cannot enter the pod's network")
+
+
+class _NoNetwork(Exception):
+    pass
 
 
 class PortForwarder:
-    def __init__(self, runtime, netns_of=None) -> None:
+    def __init__(self, runtime) -> None:
+        # runtime: priv/pods.py's PodRuntime (pods, network_entry).
         self.runtime = runtime
-        # pod_uid, pod -> the netns name to dial from, or None for the
-        # host's network.  Tests name their own.
-        self.netns_of = netns_of or _default_netns
 
     def table(self) -> dict:
         return {"PortForward": self.port_forward}
 
     def port_forward(self, body: dict, fds: list[int]) -> tuple[dict, list[int]]:
         pod_uid, port = body["pod_uid"], body["port"]
-        pod = self.runtime.pods.get(pod_uid)
-        if pod is None:
+        if pod_uid not in self.runtime.pods:
             raise Status("NOT_FOUND", f"no pod {pod_uid}")
-        netns = self.netns_of(pod_uid, pod)
+        enter = self.runtime.network_entry(pod_uid)
         try:
-            sock = _dial_in_netns(netns, port) if netns else _dial(port)
+            sock = _dial_inside(enter, port) if enter is not None else _dial(port)
+        except _NoNetwork as e:
+            raise Status("INTERNAL", str(e)) from None
         except socket.timeout:
             raise Status("UNAVAILABLE", f"dial tcp4 127.0.0.1:{port}: i/o timeout") from None
         except OSError as e:
@@ -101,11 +113,3 @@ class PortForwarder:
                          f"the pod's network: dial tcp4 127.0.0.1:{port}: connect: {why}"
                          ) from None
         return {}, [sock.detach()]
-
-
-def _default_netns(pod_uid: str, pod: dict) -> str | None:
-    if pod.get("host_network") or not sys.platform.startswith("linux"):
-        return None
-    from pufflet.platform import linux_net
-    name = linux_net.Names().netns(pod_uid)
-    return name if os.path.exists(linux_net.netns_path(name)) else None

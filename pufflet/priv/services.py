@@ -21,7 +21,7 @@ from pufflet.privsep.spec import Spec
 
 POD_METHODS = ("CreatePod", "SetVolume", "StartContainer", "SignalContainer",
                "RemovePod", "ListPods", "WatchContainers", "StartExec", "SignalExec",
-               "PortForward", "SetPodRoutes")
+               "AttachContainer", "PortForward", "SetPodRoutes")
 
 
 def _unavailable(body: dict, fds: list[int]):

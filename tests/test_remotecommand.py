@@ -200,6 +200,9 @@ def test_websocket_exec_v5_closes_stdin(node):
     assert c.read_stdout() == "line one\nline two\n"
     assert c.read_stderr() == "err\n"
     assert c.returncode == 4
+    # The close signal is the client's: client-go's executor (kubectl)
+    # logs an error for every channel-255 message a server sends it.
+    assert c._closed_channels == {0}, c._closed_channels    # ours (stdin) only
 
 
 def test_attach_follows_the_container_output(node):

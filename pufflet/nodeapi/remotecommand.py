@@ -212,11 +212,11 @@ class WsChannels(Channels):
         return self.write_ch(_WS_CHANNEL[kind], data)
 
     def end(self, kind: str) -> None:
-        if self.conn.stream_close and kind in self.kinds:
-            try:
-                self.conn.close_channel(_WS_CHANNEL[kind])
-            except (OSError, wsstream.WebSocketError):
-                pass
+        # Nothing to send: v5's close signal goes from client to server
+        # only.  client-go's executor (kubectl) knows no channel 255 and
+        # logs "Unknown stream id 255" for each one it gets; the end of
+        # the output is the error channel's Status and the close frame.
+        pass
 
     def finish(self, status: dict) -> None:
         self.write(sp.ERROR, sp.encode_status(self.protocol, status))

@@ -173,18 +173,9 @@ class Runtime:
         (stdout then stderr) is bounded: probes and hooks need a hint,
         not a log."""
         deadline = time.monotonic() + timeout
-        r = self.client.call("StartExec", {
-            "pod_uid": pod_uid, "name": name, "argv": argv, "env": env or [],
-            "working_dir": working_dir, "tty": False}, timeout=CALL)
-        exec_id = r.body["exec_id"]
-        stdin, stdout, stderr = r.fds
-        fut: Future = Future()
-        with self._lock:
-            early = self._early.pop(exec_id, None)
-            if early is None:
-                self._waiters[exec_id] = fut
-        if early is not None:
-            fut.set_result(early[1])
+        exec_id, fds, fut = self.start_exec(pod_uid, name, argv, env or [], working_dir,
+                                            tty=False)
+        stdin, stdout, stderr = fds
         try:
             os.close(stdin)
             out = _read_until(deadline, stdout, stderr)

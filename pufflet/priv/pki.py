@@ -429,22 +429,27 @@ def _prune(d: str, prefix: str, keep: set[str | None]) -> None:
                 log.warning("cannot remove old certificate %s: %s", name, e.strerror)
 
 
-def current_info(cfg: Config) -> CertInfo | None:
-    """Validity of the certificate in use, None if there is none."""
-    cur = current_path(cfg)
+def _first_cert(path: str) -> bytes | None:
+    """The first certificate of a cert+key file, None without one.  Only
+    certificate blocks ever go to openssl's stdin; the key stays put."""
     try:
-        with open(cur, "rb") as f:
+        with open(path, "rb") as f:
             data = f.read(MAX_KUBECONFIG)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise Status("UNAVAILABLE", f"{cur}: {e.strerror}") from None
-    # Only the certificate blocks go to openssl's stdin; the key stays put.
+        raise Status("UNAVAILABLE", f"{path}: {e.strerror}") from None
     blocks = _PEM_CERT.findall(data.decode("ascii", errors="replace"))
-    if not blocks:
+    return blocks[0].encode() if blocks else None
+
+
+def current_info(cfg: Config) -> CertInfo | None:
+    """Validity of the certificate in use, None if there is none."""
+    first = _first_cert(current_path(cfg))
+    if first is None:
         return None
     try:
-        return cert_info(blocks[0].encode())
+        return cert_info(first)
     except PkiError as e:
         raise Status("INTERNAL", str(e)) from None
 
@@ -755,18 +760,9 @@ def store_serving_cert(cfg: Config, owner: Identity, cert_pem: str) -> ServingIn
 def serving_info(cfg: Config) -> ServingInfo | None:
     """Validity and names of the certificate serving-current.pem holds,
     None without one."""
-    cur = serving_current_path(cfg)
-    try:
-        with open(cur, "rb") as f:
-            data = f.read(MAX_KUBECONFIG)
-    except FileNotFoundError:
+    first = _first_cert(serving_current_path(cfg))
+    if first is None:
         return None
-    except OSError as e:
-        raise Status("UNAVAILABLE", f"{cur}: {e.strerror}") from None
-    blocks = _PEM_CERT.findall(data.decode("ascii", errors="replace"))
-    if not blocks:
-        return None
-    first = blocks[0].encode()
     try:
         info = cert_info(first)
         dns, ips = _sans(_extensions("x509", first))

@@ -120,6 +120,16 @@ def local_addresses(pid) -> set[str]:
             if line.strip() == "/32 host LOCAL"}
 
 
+def _is_sleep_of(pid: str, uid: int) -> bool:
+    """Whether pid is our `sleep 30` as uid; processes of other tests come
+    and go while /proc is read."""
+    try:
+        return (os.stat(f"/proc/{pid}").st_uid == uid
+                and Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0030\x00")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_exec_runs_inside_the_pod(node):
     """The exec'd process is in the pod's netns (whose table holds the
     pod's address), chrooted in the pod root, as the pod's uid, with the
@@ -139,9 +149,7 @@ def test_exec_runs_inside_the_pod(node):
     deadline = time.monotonic() + 10
     while not pids:
         assert time.monotonic() < deadline
-        pids = [p for p in os.listdir("/proc") if p.isdigit()
-                and os.stat(f"/proc/{p}").st_uid == uid
-                and Path(f"/proc/{p}/cmdline").read_bytes() == b"sleep\x0030\x00"]
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and _is_sleep_of(p, uid)]
     pid = pids[0]
     pod_ns = os.stat(L.netns_path(NAMES.netns(POD_A))).st_ino
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == pod_ns != os.stat("/proc/self/ns/net").st_ino

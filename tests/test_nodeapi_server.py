@@ -400,6 +400,11 @@ def test_keep_alive(node, api, certs):
         c.request("GET", "/healthz")
         r = c.getresponse()
         assert (r.status, r.read()) == (200, b"ok")
+    # Nagle off on the server's end, as Go servers have it: with it on,
+    # each answer (head, then body) waited ~40 ms for a delayed ACK.
+    with node._lock:
+        socks = list(node._conns.values())
+    assert socks and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
     c.close()
 
 

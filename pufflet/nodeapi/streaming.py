@@ -130,13 +130,6 @@ def upgrade(req: Request, spdy_protocols: Sequence[str],
     # A stream may sit idle for hours (a shell nobody types in): no
     # deadline on reads; the protocols' own ends close it.
     sock.settimeout(None)
-    # Keystrokes and prompts are small writes: without TCP_NODELAY, Nagle
-    # and the peer's delayed ACK hold each for ~40 ms.  (Go, hence the
-    # kubelet and the API server, sets it on every TCP connection.)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
     try:
         sock.sendall(resp.to_bytes())
     except OSError:

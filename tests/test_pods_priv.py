@@ -171,6 +171,7 @@ class Priv:
         while not self._stop:
             ready = dict(p.poll(0 if self.server.busy() else 20))
             _reap_all(self.runtime)
+            self.runtime.forwarder.expire()
             if self.runtime.fileno() in ready:
                 self.runtime.poll()
             if self.server.fileno() in ready:

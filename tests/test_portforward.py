@@ -10,6 +10,7 @@ own and has the parent dial from inside it, as it will for pods with one."""
 import functools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -177,8 +178,8 @@ def test_websocket_kubernetes_client_two_ports(node):
 
 def test_priv_refuses_unknown_pods(node):
     with pytest.raises(Status) as e:
-        node.priv.call("PortForward", {"pod_uid": "0c0c0c0c-0000-4000-8000-00000000000c",
-                                       "port": 80})
+        list(node.priv.client.stream("PortForward", {
+            "pod_uid": "0c0c0c0c-0000-4000-8000-00000000000c", "port": 80}))
     assert e.value.code == "NOT_FOUND"
 
 
@@ -194,8 +195,31 @@ class FakeRuntime:
         return self.entry
 
 
+def dial(fw, port, timeout=10.0):
+    """Run one PortForward stream as the parent's loop does: while it is
+    parked, reap its dialer (handing the exit to the forwarder) and let
+    deadlines expire; returns the connection, or raises its Status."""
+    it = fw.port_forward({"pod_uid": POD_A, "port": port}, [])
+    deadline = time.monotonic() + timeout
+    try:
+        while (item := next(it)) is None:
+            assert time.monotonic() < deadline, "PortForward never answered"
+            time.sleep(0.01)
+            for pid in list(fw.helpers):
+                try:
+                    got, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    got, status = pid, None
+                if got:
+                    fw.child_exited(pid, status)
+            fw.expire()
+    finally:
+        it.close()
+    return socket.socket(fileno=item[1][0])
+
+
 @pytest.mark.skipif(not shutil.which("ip") or os.geteuid() != 0, reason="needs ip(8) and root")
-def test_priv_dials_from_inside_a_network_namespace(node):
+def test_priv_dials_from_inside_a_network_namespace():
     """A server listening on 127.0.0.1 of a network namespace is reached
     through it, and not through the host's loopback."""
     from pufflet.platform import linux_net
@@ -213,18 +237,16 @@ def test_priv_dials_from_inside_a_network_namespace(node):
             stdout=subprocess.PIPE)
         assert srv.stdout.readline() == b"up\n"
         inside = functools.partial(linux_net.enter_netns, ns)
-        _, fds = PortForwarder(FakeRuntime(inside)).port_forward(
-            {"pod_uid": POD_A, "port": port}, [])
-        s = socket.socket(fileno=fds[0])
+        s = dial(PortForwarder(FakeRuntime(inside)), port)
         s.sendall(b"hi")
         assert s.recv(100) == b"inside:hi"
         s.close()
         with pytest.raises(Status) as e:       # nobody on the host's port
-            PortForwarder(FakeRuntime(None)).port_forward({"pod_uid": POD_A, "port": port}, [])
-        assert "connection refused" in e.value.message
+            dial(PortForwarder(FakeRuntime(None)), port)
+        assert e.value.code == "UNAVAILABLE" and "connection refused" in e.value.message
         gone = functools.partial(linux_net.enter_netns, ns + "-gone")
         with pytest.raises(Status) as e:       # a network that cannot be entered
-            PortForwarder(FakeRuntime(gone)).port_forward({"pod_uid": POD_A, "port": port}, [])
+            dial(PortForwarder(FakeRuntime(gone)), port)
         assert e.value.code == "INTERNAL" and "cannot enter the pod's network" in e.value.message
     finally:
         if srv is not None:
@@ -262,9 +284,7 @@ def test_priv_dials_from_the_pods_rdomain_golden(tmp_path):
     entry = backend.entry(PodAddr(POD_A, "10.250.0.9", 24, "10.250.0.1", 9))
     echo = Echo(b"host:")
     try:
-        _, fds = PortForwarder(FakeRuntime(entry)).port_forward(
-            {"pod_uid": POD_A, "port": echo.port}, [])
-        s = socket.socket(fileno=fds[0])
+        s = dial(PortForwarder(FakeRuntime(entry)), echo.port)
         s.sendall(b"x")
         s.shutdown(socket.SHUT_WR)
         assert s.recv(100) == b"host:x"
@@ -277,7 +297,7 @@ def test_priv_dials_from_the_pods_rdomain_golden(tmp_path):
     backend = podnet.OpenBSDBackend(libc=RecordingLibc(calls, errno.EINVAL))
     entry = backend.entry(PodAddr(POD_A, "10.250.0.9", 24, "10.250.0.1", 9))
     with pytest.raises(Status) as e:
-        PortForwarder(FakeRuntime(entry)).port_forward({"pod_uid": POD_A, "port": 80}, [])
+        dial(PortForwarder(FakeRuntime(entry)), 80)
     assert e.value.code == "INTERNAL" and "Invalid argument" in e.value.message
 
 
@@ -321,3 +341,135 @@ def test_a_client_that_stops_reading_blocks_nobody(node):
         stop.set()
         flood.close()
         echo.close()
+
+
+class FullBacklog:
+    """A listener on the host's 127.0.0.1 that never accepts, with its
+    backlog (listen(0): one connection) filled: Linux drops further SYNs,
+    so a connect to it hangs until its caller gives up."""
+
+    def __init__(self):
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(0)
+        self.port = self.ls.getsockname()[1]
+        self.filler = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        probe = socket.socket()
+        probe.settimeout(0.2)
+        with pytest.raises(TimeoutError):       # it does hang
+            probe.connect(("127.0.0.1", self.port))
+        probe.close()
+
+    def close(self):
+        self.filler.close()
+        self.ls.close()
+
+
+class Pending:
+    """A PortForward stream read on a thread; .error is its Status."""
+
+    def __init__(self, priv, port):
+        self.error = None
+        self.done = threading.Event()
+        it = priv.client.stream("PortForward", {"pod_uid": POD_A, "port": port})
+        threading.Thread(target=self._run, args=(it,), daemon=True).start()
+
+    def _run(self, it):
+        try:
+            for r in it:
+                for fd in r.fds:
+                    os.close(fd)
+        except Status as e:
+            self.error = e
+        finally:
+            self.done.set()
+
+
+def reaped(fw, pids):
+    """The dialers are gone from the forwarder and no longer our children
+    (waitpid would return a zombie, or 0 for a live one)."""
+    streamenv.wait_for(lambda: not fw.helpers)
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def test_a_hanging_connect_stalls_nobody(node):
+    """The parent answers other calls while a dialer hangs; the hanging
+    PortForward ends UNAVAILABLE at its deadline, its dialer killed and
+    reaped."""
+    fw = node.priv.runtime.forwarder
+    fw.timeout = 1.0
+    full = FullBacklog()
+    try:
+        pf = Pending(node.priv, full.port)
+        streamenv.wait_for(lambda: fw.helpers)
+        pids = list(fw.helpers)
+        assert node.priv.call("Ping", {"seq": 7, "payload": b"x"}).body["seq"] == 7
+        assert [p["pod_uid"] for p in node.priv.call("ListPods", {}).body["pods"]] == [POD_A]
+        assert not pf.done.is_set(), "a cheap call waited for the port-forward"
+        assert pf.done.wait(10)
+        assert pf.error.code == "UNAVAILABLE"
+        assert pf.error.message == f"dial tcp4 127.0.0.1:{full.port}: i/o timeout"
+        reaped(fw, pids)
+    finally:
+        full.close()
+
+
+def test_dialers_are_limited(node):
+    fw = node.priv.runtime.forwarder
+    fw.timeout, fw.limit = 1.5, 2
+    full = FullBacklog()
+    echo = Echo(b"E:")
+    try:
+        stuck = [Pending(node.priv, full.port) for _ in range(2)]
+        streamenv.wait_for(lambda: len(fw.helpers) == 2)
+        pids = list(fw.helpers)
+        with pytest.raises(Status) as e:
+            list(node.priv.client.stream("PortForward", {"pod_uid": POD_A, "port": echo.port}))
+        assert e.value.code == "RESOURCE_EXHAUSTED" and "at most 2" in e.value.message
+        for p in stuck:
+            assert p.done.wait(10) and p.error.code == "UNAVAILABLE"
+        reaped(fw, pids)
+        # Room again once they are reaped.
+        (r,) = list(node.priv.client.stream("PortForward", {"pod_uid": POD_A,
+                                                            "port": echo.port}))
+        s = socket.socket(fileno=r.fds[0])
+        s.sendall(b"again")
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b"E:again"
+        s.close()
+    finally:
+        echo.close()
+        full.close()
+
+
+def test_a_dialer_stuck_before_connect_is_killed_at_its_deadline():
+    """Whatever the dialer is stuck in (here: entering the network), the
+    parent SIGKILLs it at the deadline; a stream given up early (the agent
+    went away) kills its dialer at once."""
+    fw = PortForwarder(FakeRuntime(functools.partial(time.sleep, 60)), timeout=0.3)
+    t0 = time.monotonic()
+    it = fw.port_forward({"pod_uid": POD_A, "port": 80}, [])
+    assert next(it) is None
+    (pid,) = fw.helpers
+    assert fw.next_deadline() == pytest.approx(t0 + 0.3, abs=0.1)
+    fw.expire()                             # too early: nothing happens
+    assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+    time.sleep(0.3)
+    fw.expire()
+    assert fw.next_deadline() is None
+    with pytest.raises(Status) as e:
+        next(it)
+    assert e.value.code == "UNAVAILABLE" and e.value.message.endswith("i/o timeout")
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert fw.child_exited(pid, status) and not fw.helpers
+    assert not fw.child_exited(pid, status)     # not ours any more
+
+    it = fw.port_forward({"pod_uid": POD_A, "port": 80}, [])
+    assert next(it) is None
+    (pid,) = fw.helpers
+    it.close()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL

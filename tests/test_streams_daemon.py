@@ -51,6 +51,19 @@ def q(**kw):
     return urllib.parse.urlencode(pairs)
 
 
+def children(ppid: int) -> set[int]:
+    """Processes whose parent is ppid (zombies too)."""
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == ppid:
+                    out.add(int(pid))
+        except (FileNotFoundError, ValueError, IndexError):
+            pass
+    return out
+
+
 def streams(c, kinds):
     out = {k: c.open({"streamtype": k}) for k in kinds}
     for st in out.values():
@@ -125,6 +138,36 @@ def test_exec_attach_port_forward_through_the_daemon(public_tmp):
         assert c.wait(lambda: bytes(dd.data) == b"echo:ping", 10), bytes(dd.data)
         t.join(5)
         c.close()
+
+        # A connect that hangs (a listener with a full backlog drops our
+        # SYNs) holds up nothing in the parent: an exec is served while its
+        # dialer, a new child of the parent, is pending; at the parent's
+        # deadline the dialer is killed and the forward fails.
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname(), timeout=2)
+        try:
+            before = children(d._pid)
+            hang = SpdyClient.connect(("127.0.0.1", port), ["portforward.k8s.io"], tls=ctx,
+                                      path="/portForward/default/web-test-node")
+            h = {"port": str(full.getsockname()[1]), "requestid": "0"}
+            he = hang.open({**h, "streamtype": "error"})
+            hang.open({**h, "streamtype": "data"})
+            streamenv.wait_for(lambda: children(d._pid) - before)
+            c = SpdyClient.connect(("127.0.0.1", port), ["v4.channel.k8s.io"], tls=ctx,
+                                   path=base + q(command=["sh", "-c", "exit 3"], stdout="1"))
+            assert sc.parse_exit_code(c.read_all(streams(c, ["error", "stdout"])["error"],
+                                                 timeout=10)) == 3
+            c.close()
+            assert bytes(he.data) == b"", "the exec waited for the hanging connect"
+            assert hang.read_all(he, timeout=10).decode().endswith(
+                f"dial tcp4 127.0.0.1:{full.getsockname()[1]}: i/o timeout")
+            hang.close()
+            streamenv.wait_for(lambda: not children(d._pid) - before)     # reaped
+        finally:
+            filler.close()
+            full.close()
         assert not [line for line in d.lines if "Traceback" in line]
     finally:
         echo.close()

@@ -82,11 +82,18 @@ class AgentBackend:
         return run is not None and run.running and run.restart_count == target.restart_count
 
     def port_forward(self, target: Target, port: int) -> socket.socket:
+        # A stream: the parent answers once its dialer is done (bounded by
+        # the parent's deadline), with one frame holding the connection.
+        sock = None
         try:
-            r = self.runtime.client.call("PortForward", {"pod_uid": target.pod_uid,
-                                                         "port": port}, timeout=CALL)
+            for r in self.runtime.client.stream("PortForward", {"pod_uid": target.pod_uid,
+                                                                "port": port}):
+                sock = socket.socket(fileno=r.fds[0])
         except Status as e:
+            if sock is not None:
+                sock.close()
             raise ExecError(e.message) from None
-        sock = socket.socket(fileno=r.fds[0])
+        if sock is None:        # the spec allows an empty stream; the parent never sends one
+            raise ExecError("the node made no connection")
         sock.setblocking(True)
         return sock

@@ -45,6 +45,7 @@ from pufflet.priv import podroot, proctrack, rlimits, statefile, volumes
 from pufflet.priv.netplan import HostPort, NetPlanError
 from pufflet.priv.podnet import NetError, PodNetworks
 from pufflet.priv.podroutes import PodRoutes
+from pufflet.priv.portforward import PortForwarder
 from pufflet.priv.logger import LoggerClient, LoggerError
 from pufflet.priv.proctrack import Exited, ProcessWatcher
 from pufflet.priv.rlimits import Rlimit
@@ -171,6 +172,9 @@ class PodRuntime:
         # child_exited): RemovePod runs it while it waits for processes,
         # since a zombie still counts as a process of the pod's uid.
         self.reaper: Callable[[], None] | None = None
+        # kubectl port-forward's dialers: our children too, so their exits
+        # come through child_exited, and the daemon's loop runs expire().
+        self.forwarder = PortForwarder(self)
         self._adopt()
         removed = podroot.sweep(self.pods_dir, self.pods)
         for name in removed:
@@ -271,7 +275,10 @@ class PodRuntime:
         """A child reaped by someone else's waitpid(-1) (the Supervisor's)."""
         p = self.procs.get(pid)
         if p is None:
-            return      # the logger's first fork, a killer: nothing to report
+            # A port-forward dialer (its stream is waiting for this), or
+            # the logger's first fork, a killer: nothing to report.
+            self.forwarder.child_exited(pid, status)
+            return
         self.watcher.unwatch(pid)
         self._exited(Exited(pid, p.start_time, status, ""))
 

@@ -14,7 +14,6 @@ from pufflet.config import Config
 from pufflet.priv import pki, stats
 from pufflet.privsep import drop
 from pufflet.priv.images_rpc import ImageRPC
-from pufflet.priv.portforward import PortForwarder
 from pufflet.privsep.channel import Status
 from pufflet.privsep.spec import Spec
 
@@ -62,8 +61,9 @@ class Services:
         gated.update(self.pods.table() if self.pods is not None else
                      {name: _unavailable for name in POD_METHODS})
         if self.pods is not None:
-            # kubectl port-forward: connections into the pods' networks.
-            gated.update(PortForwarder(self.pods).table())
+            # kubectl port-forward: connections into the pods' networks,
+            # made by the runtime's forwarder (whose dialers it reaps).
+            gated.update(self.pods.forwarder.table())
         table = {name: self._after_handshake(fn) for name, fn in gated.items()}
         table["Handshake"] = self.handshake
         return table

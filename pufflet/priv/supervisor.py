@@ -276,6 +276,13 @@ class Supervisor:
             timeout = self.next_gc - now
             if self.restart_at is not None:
                 timeout = max(0.0, min(timeout, self.restart_at - now))
+            if self.pods is not None:
+                # Port-forward dialers past their deadline are killed (and
+                # their streams end); sleep no longer than the next one.
+                self.pods.forwarder.expire(now)
+                due = self.pods.forwarder.next_deadline()
+                if due is not None:
+                    timeout = max(0.0, min(timeout, due - now))
             # Streams in flight advance one frame per turn: do not sleep
             # while one has more to send.
             if self.server is not None and self.server.busy():

@@ -438,6 +438,87 @@ def test_sidecar_init_container(admin, manager):
     assert cond(p, "Initialized") == "True"
 
 
+def _on_term(name, then="exit 0", before=""):
+    """A container that, on its stop signal, appends its name to the shared
+    /shared/order (an emptyDir), prints the file, and ends."""
+    return {"name": name, "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+            "command": ["/bin/sh", "-c",
+                        f"trap '{before}echo {name} >> /shared/order; echo order: $(cat /shared/order); "
+                        f"{then}' "
+                        "TERM; : > /tmp/up; while :; do sleep 0.05; done"]}
+
+
+def _order(log):
+    (line,) = [x for x in log.splitlines() if x.startswith("order: ")]
+    return line.split()[1:]
+
+
+def test_sidecars_stop_after_the_app_in_reverse_order(admin, manager, cfg):
+    """Deletion: the app container gets its stop signal first (here it
+    takes 1 s to go); the sidecars only after it exited, the last declared
+    first; a sidecar's preStop hook runs at once, with the app's."""
+    manager()
+    s1, s2 = _on_term("s1"), _on_term("s2")
+    for s in (s1, s2):
+        s["restartPolicy"] = "Always"
+    s2["lifecycle"] = {"preStop": {"exec": {"command": [
+        "/bin/sh", "-c", "echo pre-s2 >> /shared/order"]}}}
+    app = _on_term("app", before="sleep 1; ")
+    create(admin, pod("order", app, init=[s1, s2], grace=10,
+                      volumes=[{"name": "shared", "emptyDir": {}}]))
+    p = wait_pod(admin, "order", lambda p: p["status"].get("phase") == "Running"
+                 and "running" in (cstatus(p, "app") or {}).get("state", {}))
+    t0 = time.monotonic()
+    admin.delete_namespaced_pod("order", "default")
+    assert wait_until(lambda: get(admin, "order") is None, 10)
+    took = time.monotonic() - t0
+    assert 1.0 <= took < 5, took
+    # s1 went last: its log holds the whole file as it was then
+    assert wait_until(lambda: "order: " in log_text(cfg, p, "s1"), 5)
+    order = _order(log_text(cfg, p, "s1"))
+    assert order == ["pre-s2", "app", "s2", "s1"], order
+
+
+def test_sidecar_deaf_to_sigterm_is_killed_at_the_grace_deadline(admin, manager):
+    """A sidecar that ignores its stop signal: SIGKILL when the pod's grace
+    is over, not before (the app container left at once)."""
+    manager()
+    deaf = {"name": "deaf", "restartPolicy": "Always",
+            "command": ["/bin/sh", "-c", 'trap "" TERM; while :; do sleep 0.05; done']}
+    create(admin, pod("deafside", ("app", 'trap "exit 0" TERM; while :; do sleep 0.05; done'),
+                      init=[deaf], grace=3))
+    wait_pod(admin, "deafside", lambda p: p["status"].get("phase") == "Running"
+             and "running" in (cstatus(p, "app") or {}).get("state", {}))
+    t0 = time.monotonic()
+    admin.delete_namespaced_pod("deafside", "default")
+    assert wait_until(lambda: get(admin, "deafside") is None, 10)
+    took = time.monotonic() - t0
+    assert 2.8 <= took < 5.5, took
+
+
+def test_sidecars_stop_when_the_app_containers_are_done(admin, manager, cfg):
+    """restartPolicy Never: once the app container has ended, its sidecars
+    are stopped (in reverse order, not restarted) and the pod ends
+    Succeeded, its sidecars terminated."""
+    manager()
+    s1, s2 = _on_term("s1"), _on_term("s2")
+    for s in (s1, s2):
+        s["restartPolicy"] = "Always"
+    app = {"name": "app", "command": ["/bin/sh", "-c", "sleep 0.5; echo app >> /shared/order"],
+           "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}
+    create(admin, pod("done", app, init=[s1, s2], restart="Never", grace=10,
+                      volumes=[{"name": "shared", "emptyDir": {}}]))
+    p = wait_pod(admin, "done", lambda p: p["status"].get("phase") in ("Succeeded", "Failed"),
+                 timeout=15)
+    assert p["status"]["phase"] == "Succeeded", p["status"]
+    assert cstatus(p, "app")["state"]["terminated"]["exitCode"] == 0
+    for name in ("s1", "s2"):
+        st = cstatus(p, name, "initContainerStatuses")
+        assert "terminated" in st["state"] and st["restartCount"] == 0, st
+    assert wait_until(lambda: "order: " in log_text(cfg, p, "s1"), 5)
+    assert _order(log_text(cfg, p, "s1")) == ["app", "s2", "s1"]
+
+
 def test_env_from_config_map(admin, manager):
     admin.create_namespaced_config_map("default", {"metadata": {"name": "cm"},
                                                    "data": {"greeting": "hello"}})

@@ -993,6 +993,71 @@ def test_config_map_and_secret_updates_reach_the_pod(admin, manager, cfg, parent
     assert cstatus(get(admin, "upd"), "main")["restartCount"] == 0
 
 
+def _claims(token):
+    import base64
+    part = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def test_service_account_token_is_refreshed_before_it_expires(admin, manager, api, parent):
+    """A projected serviceAccountToken: asked for with TokenRequest (600 s,
+    the least the API server takes), which the API server shortens to 5 s
+    (token_duration, as --service-account-max-token-expiration does); the
+    file in the pod is replaced by a new token once 80 % of the life the
+    answer gave has passed, before the old one expires, and swapped in
+    whole (..data) under a reader that never sees a partial file."""
+    api.token_duration = 5
+    manager()
+    auth = k8s.AuthenticationV1Api(admin.api_client)
+
+    def valid(token):
+        return auth.create_token_review({"spec": {"token": token}}).status.authenticated
+    c = {"name": "main", "command": ["/bin/sh", "-c", "exec sleep 60"],
+         "volumeMounts": [{"name": "tok", "mountPath": "/var/run/tok"}]}
+    p = create(admin, pod("tok", c, volumes=[{"name": "tok", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 600}}]}}]))
+    wait_pod(admin, "tok", lambda p: p["status"].get("phase") == "Running")
+    vol = Path(parent.pods._root(p["metadata"]["uid"])) / ".pufflet" / "volumes" / "tok"
+    first = (vol / "token").read_text()
+    claims = _claims(first)
+    assert claims["exp"] - claims["iat"] == 5
+    assert claims["kubernetes.io"]["pod"]["uid"] == p["metadata"]["uid"]
+    assert valid(first)
+    data = os.readlink(vol / "..data")
+    seen, errors, stop = set(), [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                seen.add((vol / "token").read_text())
+            except OSError as e:
+                errors.append(e)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: (vol / "token").read_text() != first, 8, 0.02)
+        changed = time.time()
+    finally:
+        stop.set()
+        reader.join(5)
+    second = (vol / "token").read_text()
+    # Not before 80 % of its life (less the second its iat was rounded
+    # down by), and before it expired.
+    assert claims["iat"] + 0.8 * 5 - 1 <= changed < claims["exp"], (changed, claims)
+    assert valid(first), "the old token was replaced only after it had expired"
+    assert second != first and valid(second)
+    assert _claims(second)["iat"] >= claims["iat"]
+    # swapped whole: a new ..data, the name still points through it, and
+    # the reader saw the old token or a new one, nothing in between
+    assert os.readlink(vol / "..data") != data
+    assert os.readlink(vol / "token") == "..data/token"
+    assert not errors, errors[:3]
+    assert seen and all(t.count(".") == 2 and _claims(t)["sub"] ==
+                        "system:serviceaccount:default:default" for t in seen), seen
+    # the old one does expire: the refresh was needed
+    assert wait_until(lambda: not valid(first), 5)
+
+
 def test_admission_refuses_privileged(admin, manager):
     manager()
     c = {"name": "main", "command": ["/bin/sh", "-c", "sleep 1"],

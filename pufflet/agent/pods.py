@@ -849,13 +849,19 @@ class PodManager:
             if have is None or volumedata.refresh_due(have[2], have[1], now):
                 got = json.loads(self.core.create_namespaced_service_account_token(
                     sa, ns, body, _preload_content=False).data)
-                ttl = body["spec"]["expirationSeconds"]
+                # The life the API server gave, not the one asked for: it
+                # may shorten it (--service-account-max-token-expiration),
+                # and refreshing at 80 % of the asked-for life would then
+                # ask again at every sync (the kubelet reads the answer too).
+                ttl = (got.get("spec") or {}).get("expirationSeconds") \
+                    or body["spec"]["expirationSeconds"]
                 exp = _parse_time(got["status"].get("expirationTimestamp")) or now + ttl
                 have = (got["status"]["token"], exp - ttl, exp)
                 w.tokens[key] = have
             tokens[path] = have[0]
-            ttl = have[2] - have[1]
-            due = min(due, time.monotonic() + max(1.0, have[1] + 0.8 * ttl - now))
+            # just past refresh_at (refresh_due is a strict >), at most once a second
+            left = volumedata.refresh_at(have[2], have[1]) - now + 0.01
+            due = min(due, time.monotonic() + max(1.0, left))
         return tokens, due
 
     # -- containers ---------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import subprocess
 import threading
@@ -608,6 +609,35 @@ def test_token_request_then_review_and_use(api, core, ns):
     assert _code(sa_api.list_namespaced_pod, ns) == 200
     core.delete_namespaced_service_account("robot", ns)
     assert not auth.create_token_review({"spec": {"token": tr.status.token}}).status.authenticated
+
+
+def test_token_duration_shortens_tokens_not_the_validation(api, core, ns):
+    """token_duration (the test knob standing for
+    --service-account-max-token-expiration): the token and the answer's
+    spec.expirationSeconds are shortened, with a Warning; what clients may
+    ask for is still validated as the real server does."""
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "brief"}})
+    with pytest.raises(ApiException) as e:
+        core.create_namespaced_service_account_token(
+            "brief", ns, {"spec": {"expirationSeconds": 599}})
+    assert e.value.status == 422
+    api.token_duration = 2
+    try:
+        resp = core.create_namespaced_service_account_token(
+            "brief", ns, {"spec": {"expirationSeconds": 600}}, _preload_content=False)
+    finally:
+        api.token_duration = None
+    tr = json.loads(resp.data)
+    assert tr["spec"]["expirationSeconds"] == 2
+    assert "shortened to 2 seconds" in resp.headers["Warning"]
+    exp = datetime.datetime.fromisoformat(tr["status"]["expirationTimestamp"].replace("Z", "+00:00"))
+    left = (exp - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    assert 0 < left <= 2
+    auth = client.AuthenticationV1Api(_client(api))
+    assert auth.create_token_review({"spec": {"token": tr["status"]["token"]}}).status.authenticated
+    time.sleep(left + 0.1)
+    assert not auth.create_token_review(
+        {"spec": {"token": tr["status"]["token"]}}).status.authenticated
 
 
 def test_subject_access_review(api, node_env):

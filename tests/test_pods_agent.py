@@ -438,6 +438,87 @@ def test_sidecar_init_container(admin, manager):
     assert cond(p, "Initialized") == "True"
 
 
+def _on_term(name, then="exit 0", before=""):
+    """A container that, on its stop signal, appends its name to the shared
+    /shared/order (an emptyDir), prints the file, and ends."""
+    return {"name": name, "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+            "command": ["/bin/sh", "-c",
+                        f"trap '{before}echo {name} >> /shared/order; echo order: $(cat /shared/order); "
+                        f"{then}' "
+                        "TERM; : > /tmp/up; while :; do sleep 0.05; done"]}
+
+
+def _order(log):
+    (line,) = [x for x in log.splitlines() if x.startswith("order: ")]
+    return line.split()[1:]
+
+
+def test_sidecars_stop_after_the_app_in_reverse_order(admin, manager, cfg):
+    """Deletion: the app container gets its stop signal first (here it
+    takes 1 s to go); the sidecars only after it exited, the last declared
+    first; a sidecar's preStop hook runs at once, with the app's."""
+    manager()
+    s1, s2 = _on_term("s1"), _on_term("s2")
+    for s in (s1, s2):
+        s["restartPolicy"] = "Always"
+    s2["lifecycle"] = {"preStop": {"exec": {"command": [
+        "/bin/sh", "-c", "echo pre-s2 >> /shared/order"]}}}
+    app = _on_term("app", before="sleep 1; ")
+    create(admin, pod("order", app, init=[s1, s2], grace=10,
+                      volumes=[{"name": "shared", "emptyDir": {}}]))
+    p = wait_pod(admin, "order", lambda p: p["status"].get("phase") == "Running"
+                 and "running" in (cstatus(p, "app") or {}).get("state", {}))
+    t0 = time.monotonic()
+    admin.delete_namespaced_pod("order", "default")
+    assert wait_until(lambda: get(admin, "order") is None, 10)
+    took = time.monotonic() - t0
+    assert 1.0 <= took < 5, took
+    # s1 went last: its log holds the whole file as it was then
+    assert wait_until(lambda: "order: " in log_text(cfg, p, "s1"), 5)
+    order = _order(log_text(cfg, p, "s1"))
+    assert order == ["pre-s2", "app", "s2", "s1"], order
+
+
+def test_sidecar_deaf_to_sigterm_is_killed_at_the_grace_deadline(admin, manager):
+    """A sidecar that ignores its stop signal: SIGKILL when the pod's grace
+    is over, not before (the app container left at once)."""
+    manager()
+    deaf = {"name": "deaf", "restartPolicy": "Always",
+            "command": ["/bin/sh", "-c", 'trap "" TERM; while :; do sleep 0.05; done']}
+    create(admin, pod("deafside", ("app", 'trap "exit 0" TERM; while :; do sleep 0.05; done'),
+                      init=[deaf], grace=3))
+    wait_pod(admin, "deafside", lambda p: p["status"].get("phase") == "Running"
+             and "running" in (cstatus(p, "app") or {}).get("state", {}))
+    t0 = time.monotonic()
+    admin.delete_namespaced_pod("deafside", "default")
+    assert wait_until(lambda: get(admin, "deafside") is None, 10)
+    took = time.monotonic() - t0
+    assert 2.8 <= took < 5.5, took
+
+
+def test_sidecars_stop_when_the_app_containers_are_done(admin, manager, cfg):
+    """restartPolicy Never: once the app container has ended, its sidecars
+    are stopped (in reverse order, not restarted) and the pod ends
+    Succeeded, its sidecars terminated."""
+    manager()
+    s1, s2 = _on_term("s1"), _on_term("s2")
+    for s in (s1, s2):
+        s["restartPolicy"] = "Always"
+    app = {"name": "app", "command": ["/bin/sh", "-c", "sleep 0.5; echo app >> /shared/order"],
+           "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}
+    create(admin, pod("done", app, init=[s1, s2], restart="Never", grace=10,
+                      volumes=[{"name": "shared", "emptyDir": {}}]))
+    p = wait_pod(admin, "done", lambda p: p["status"].get("phase") in ("Succeeded", "Failed"),
+                 timeout=15)
+    assert p["status"]["phase"] == "Succeeded", p["status"]
+    assert cstatus(p, "app")["state"]["terminated"]["exitCode"] == 0
+    for name in ("s1", "s2"):
+        st = cstatus(p, name, "initContainerStatuses")
+        assert "terminated" in st["state"] and st["restartCount"] == 0, st
+    assert wait_until(lambda: "order: " in log_text(cfg, p, "s1"), 5)
+    assert _order(log_text(cfg, p, "s1")) == ["app", "s2", "s1"]
+
+
 def test_env_from_config_map(admin, manager):
     admin.create_namespaced_config_map("default", {"metadata": {"name": "cm"},
                                                    "data": {"greeting": "hello"}})
@@ -910,6 +991,71 @@ def test_config_map_and_secret_updates_reach_the_pod(admin, manager, cfg, parent
     assert os.readlink(vol / "cfg" / "greeting") == "..data/greeting"
     # (each volume is swapped on its own: "hello two" may be seen between)
     assert cstatus(get(admin, "upd"), "main")["restartCount"] == 0
+
+
+def _claims(token):
+    import base64
+    part = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def test_service_account_token_is_refreshed_before_it_expires(admin, manager, api, parent):
+    """A projected serviceAccountToken: asked for with TokenRequest (600 s,
+    the least the API server takes), which the API server shortens to 5 s
+    (token_duration, as --service-account-max-token-expiration does); the
+    file in the pod is replaced by a new token once 80 % of the life the
+    answer gave has passed, before the old one expires, and swapped in
+    whole (..data) under a reader that never sees a partial file."""
+    api.token_duration = 5
+    manager()
+    auth = k8s.AuthenticationV1Api(admin.api_client)
+
+    def valid(token):
+        return auth.create_token_review({"spec": {"token": token}}).status.authenticated
+    c = {"name": "main", "command": ["/bin/sh", "-c", "exec sleep 60"],
+         "volumeMounts": [{"name": "tok", "mountPath": "/var/run/tok"}]}
+    p = create(admin, pod("tok", c, volumes=[{"name": "tok", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 600}}]}}]))
+    wait_pod(admin, "tok", lambda p: p["status"].get("phase") == "Running")
+    vol = Path(parent.pods._root(p["metadata"]["uid"])) / ".pufflet" / "volumes" / "tok"
+    first = (vol / "token").read_text()
+    claims = _claims(first)
+    assert claims["exp"] - claims["iat"] == 5
+    assert claims["kubernetes.io"]["pod"]["uid"] == p["metadata"]["uid"]
+    assert valid(first)
+    data = os.readlink(vol / "..data")
+    seen, errors, stop = set(), [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                seen.add((vol / "token").read_text())
+            except OSError as e:
+                errors.append(e)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: (vol / "token").read_text() != first, 8, 0.02)
+        changed = time.time()
+    finally:
+        stop.set()
+        reader.join(5)
+    second = (vol / "token").read_text()
+    # Not before 80 % of its life (less the second its iat was rounded
+    # down by), and before it expired.
+    assert claims["iat"] + 0.8 * 5 - 1 <= changed < claims["exp"], (changed, claims)
+    assert valid(first), "the old token was replaced only after it had expired"
+    assert second != first and valid(second)
+    assert _claims(second)["iat"] >= claims["iat"]
+    # swapped whole: a new ..data, the name still points through it, and
+    # the reader saw the old token or a new one, nothing in between
+    assert os.readlink(vol / "..data") != data
+    assert os.readlink(vol / "token") == "..data/token"
+    assert not errors, errors[:3]
+    assert seen and all(t.count(".") == 2 and _claims(t)["sub"] ==
+                        "system:serviceaccount:default:default" for t in seen), seen
+    # the old one does expire: the refresh was needed
+    assert wait_until(lambda: not valid(first), 5)
 
 
 def test_admission_refuses_privileged(admin, manager):

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from pufflet.agent.volumedata import (VolumeError, VolumeFile, clean_path, refresh_due,
+from pufflet.agent.volumedata import (VolumeError, VolumeFile, clean_path, refresh_at, refresh_due,
                                       token_requests, volume_files)
 
 OBJECTS = {
@@ -215,3 +215,15 @@ def test_wire_and_limits():
 def test_refresh_due(ttl, elapsed, jitter, due):
     issued = 1_000_000.0
     assert refresh_due(issued + ttl, issued, issued + elapsed, jitter=jitter) is due
+
+
+@pytest.mark.parametrize("ttl,at", [(600, 480), (3607, 2886), (5, 4), (4, 4),
+                                    (86400 * 2, 86400)])
+def test_refresh_at_is_where_refresh_due_turns(ttl, at):
+    """The agent sleeps until refresh_at: the token must be due just after
+    it, not before (20 % counted in whole seconds: a 4 s token is due only
+    at its expiry)."""
+    issued = 1_000_000.0
+    assert refresh_at(issued + ttl, issued) == issued + at
+    assert not refresh_due(issued + ttl, issued, issued + at)
+    assert refresh_due(issued + ttl, issued, issued + at + 0.01)

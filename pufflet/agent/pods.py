@@ -77,6 +77,10 @@ BACKOFF_RESET = 600.0
 # How long to wait for the processes after SIGKILL before giving up on
 # them (RemovePod kills what is left anyway).
 KILL_WAIT = 5.0
+# The kubelet's minimumGracePeriodInSeconds: a container's stop signal is
+# followed by at least this much time before SIGKILL (when the pod's grace
+# is not 0), even when its preStop hook or its turn used the pod's grace up.
+MIN_GRACE = 2.0
 # How often emptyDir usage is held against sizeLimit: the kubelet's
 # eviction manager looks every 10 s (the parent measures a volume at most
 # once a minute, priv/stats.DU_TTL, as the kubelet's volume stats do).
@@ -167,9 +171,11 @@ class PodWork:
     volumes_ok: bool = False
     tokens: dict[tuple[str, str], tuple[str, float, float]] = field(default_factory=dict)
     terminating: bool = False
+    grace: float = 0.0                  # the grace period it is being stopped with
     grace_deadline: float = 0.0
-    stop_sent: bool = False
-    killed: bool = False                # SIGKILL sent at the grace deadline
+    completing: bool = False            # app containers done for good: sidecars stop
+    hooks: dict[str, threading.Event] = field(default_factory=dict)  # preStop, set when done
+    sigkilled: set[str] = field(default_factory=set)    # containers sent SIGKILL while stopping
     removed: bool = False
     terminated: bool = False            # stopped, removed, deleted: nothing left to do
     gone: bool = False                  # its source no longer has it
@@ -445,6 +451,10 @@ class PodManager:
             self._evict(w, evicted)
         if w.evicting or w.phase in (SUCCEEDED, FAILED):
             self._finish(w)
+            self._report(w)
+            return
+        if w.completing or self._apps_done(w):
+            self._complete(w)
             self._report(w)
             return
         self._run(w)
@@ -839,13 +849,19 @@ class PodManager:
             if have is None or volumedata.refresh_due(have[2], have[1], now):
                 got = json.loads(self.core.create_namespaced_service_account_token(
                     sa, ns, body, _preload_content=False).data)
-                ttl = body["spec"]["expirationSeconds"]
+                # The life the API server gave, not the one asked for: it
+                # may shorten it (--service-account-max-token-expiration),
+                # and refreshing at 80 % of the asked-for life would then
+                # ask again at every sync (the kubelet reads the answer too).
+                ttl = (got.get("spec") or {}).get("expirationSeconds") \
+                    or body["spec"]["expirationSeconds"]
                 exp = _parse_time(got["status"].get("expirationTimestamp")) or now + ttl
                 have = (got["status"]["token"], exp - ttl, exp)
                 w.tokens[key] = have
             tokens[path] = have[0]
-            ttl = have[2] - have[1]
-            due = min(due, time.monotonic() + max(1.0, have[1] + 0.8 * ttl - now))
+            # just past refresh_at (refresh_due is a strict >), at most once a second
+            left = volumedata.refresh_at(have[2], have[1]) - now + 0.01
+            due = min(due, time.monotonic() + max(1.0, left))
         return tokens, due
 
     # -- containers ---------------------------------------------------------------
@@ -1094,51 +1110,47 @@ class PodManager:
             self.runtime.remove_pod(w.uid)
         w.removed = True
 
+    def _apps_done(self, w: PodWork) -> bool:
+        """Every app container has ended for good (a Never or OnFailure
+        pod) while a sidecar still runs: the kubelet then kills the pod
+        (computePodActions: nothing to keep running, nothing to start) and
+        starts no sidecar again, so that the pod can complete."""
+        if not any(c.sidecar and c.running for c in w.containers.values()):
+            return False
+        return podstatus.finished(w.pod, self._view(w))
+
+    def _complete(self, w: PodWork) -> None:
+        """Stop the sidecars of a pod whose app containers are done, as a
+        deletion would (preStop hooks, reverse order, the pod's grace), and
+        never restart them; once none runs, the phase is Succeeded or
+        Failed by the app containers, and the next sync _finishes it."""
+        if not w.completing:
+            w.completing = True
+            log.info("pod %s: app containers done: stopping its sidecars", self._name(w.uid))
+            self._begin_stop(w, self._grace(w.pod))
+        wake = self._stop_in_order(w)
+        if wake is not None:
+            self.queue.add_after(w.uid, max(wake - time.monotonic(), 0.0) + 0.01)
+        elif any(c.running for c in w.containers.values()):
+            self.queue.add_after(w.uid, self.resync)    # SIGKILL did not end it
+        else:
+            self.queue.add(w.uid)       # the next sync sees the terminal phase
+
     def _terminate(self, w: PodWork) -> None:
-        """Deleted (or gone from its source): preStop hooks, stop signal,
-        SIGKILL at the deadline, RemovePod, then DELETE with grace 0."""
+        """Deleted (or gone from its source): the containers stopped in the
+        kubelet's order (_begin_stop, _stop_in_order), then RemovePod and
+        DELETE with grace 0."""
         pod = w.pod
-        now = time.monotonic()
         self.prober.remove_pod(w.uid)
         if not w.terminating:
             w.terminating = True
-            grace = self._grace(pod)
-            w.grace_deadline = now + grace
-            running = [c for c in w.containers.values() if c.running]
-            for c in running:
-                cspec = _container_spec(pod, c.name) or {}
-                if c.adopted and cspec:
-                    self._restore_context(w, c, cspec)      # its stop signal, its env
-                self.recorder.event(pod, ev.NORMAL, "Killing",
-                                    f"Stopping container {c.name}", c.name)
-                hook = (cspec.get("lifecycle") or {}).get("preStop")
-                if hook:
-                    left = max(0.0, w.grace_deadline - time.monotonic())
-                    out = probes.run_handler(hook, cspec, left, w.uid, self._exec,
-                                             self._pod_ip(w))
-                    if not out.ok:
-                        self.recorder.event(pod, ev.WARNING, "FailedPreStopHook",
-                                            f"PreStopHook failed: {out.message}", c.name)
-            self._drain(w)
-            for c in w.containers.values():
-                if c.running:
-                    sig = c.stop_signal if time.monotonic() < w.grace_deadline else "SIGKILL"
-                    self.runtime.signal(w.uid, c.name, sig)
-                    c.kill_reason = "Killing"
-            w.stop_sent = True
-        running = [c for c in w.containers.values() if c.running]
-        if running:
-            if now < w.grace_deadline:
-                self.queue.add_after(w.uid, w.grace_deadline - now)
-                return
-            if not w.killed:
-                for c in running:
-                    self.runtime.signal(w.uid, c.name, "SIGKILL")
-                w.killed = True
-                w.grace_deadline = now + KILL_WAIT
-                self.queue.add_after(w.uid, KILL_WAIT)
-                return
-            # Still there KILL_WAIT after SIGKILL: RemovePod kills what is left.
+            self._begin_stop(w, self._grace(pod))
+        wake = self._stop_in_order(w)
+        if wake is not None:
+            self.queue.add_after(w.uid, max(wake - time.monotonic(), 0.0) + 0.01)
+            return
+        # Nothing runs any more, or what does was sent SIGKILL KILL_WAIT
+        # ago: RemovePod kills what is left.
         if not w.removed and w.info is not None:
             self.runtime.remove_pod(w.uid)
         w.removed = True
@@ -1151,6 +1163,96 @@ class PodManager:
                 self.works.pop(w.uid, None)
         log.info("pod %s/%s terminated", pod["metadata"].get("namespace", "default"),
                  pod["metadata"]["name"])
+
+    def _begin_stop(self, w: PodWork, grace: float) -> None:
+        """Start stopping every running container within grace seconds, as
+        the kubelet's killPod does: a Killing event for each and every
+        preStop hook started at once, sidecars' hooks too (KEP-753: they
+        learn of the termination with the app containers; only their stop
+        signal waits).  Hooks run in threads of their own, so that a slow
+        one holds back only its own container; each wakes the pod's sync
+        when done.  The signals are _stop_in_order's."""
+        pod = w.pod
+        w.grace = grace
+        w.grace_deadline = time.monotonic() + grace
+        for c in w.containers.values():
+            if not c.running or c.name in w.hooks or c.kill_deadline is not None:
+                continue        # not running, or already being stopped
+            cspec = _container_spec(pod, c.name) or {}
+            if c.adopted and cspec:
+                self._restore_context(w, c, cspec)      # its stop signal, its env
+            self.recorder.event(pod, ev.NORMAL, "Killing",
+                                f"Stopping container {c.name}", c.name)
+            hook = (cspec.get("lifecycle") or {}).get("preStop")
+            if hook and grace > 0:      # the kubelet runs no hook with no grace
+                done = threading.Event()
+                w.hooks[c.name] = done
+                threading.Thread(target=self._pre_stop, args=(w, c.name, cspec, hook, done),
+                                 name=f"prestop-{c.name}", daemon=True).start()
+
+    def _pre_stop(self, w: PodWork, name: str, cspec: dict, hook: dict,
+                  done: threading.Event) -> None:
+        """One preStop hook, given what is left of the grace period."""
+        try:
+            left = max(0.0, w.grace_deadline - time.monotonic())
+            out = probes.run_handler(hook, cspec, left, w.uid, self._exec, self._pod_ip(w))
+            if not out.ok:
+                self.recorder.event(w.pod, ev.WARNING, "FailedPreStopHook",
+                                    f"PreStopHook failed: {out.message}", name)
+        except Exception as e:     # noqa: BLE001 - the container is stopped anyway
+            log.warning("pod %s: container %s: preStop hook: %s", self._name(w.uid), name, e)
+        finally:
+            done.set()
+            self.queue.add(w.uid)
+
+    def _stop_turn(self, w: PodWork, c: CState) -> bool:
+        """Whether c may be sent its stop signal now (the kubelet's
+        terminationOrdering): once its preStop hook is done; a sidecar
+        only once every app container and every sidecar declared after
+        it have exited, so sidecars go last, in reverse order."""
+        hook = w.hooks.get(c.name)
+        if hook is not None and not hook.is_set():
+            return False
+        if not c.sidecar:
+            return True
+        sidecars = [ic["name"] for ic in w.pod["spec"].get("initContainers") or ()
+                    if _is_sidecar(ic)]
+        later = set(sidecars[sidecars.index(c.name) + 1:]) if c.name in sidecars else set()
+        return not any(o.running for o in w.containers.values()
+                       if not o.init or o.name in later)
+
+    def _stop_in_order(self, w: PodWork) -> float | None:
+        """One step of stopping a pod (after _begin_stop): the stop signal
+        to each running container whose turn has come (_stop_turn), or to
+        all of them once the grace period is over; SIGKILL to each whose
+        own deadline passed.  When to look again (monotonic), or None when
+        nothing is left to wait for: everything exited, or was sent SIGKILL
+        KILL_WAIT ago and is still there."""
+        now = time.monotonic()
+        wake: list[float] = []
+        for c in w.containers.values():
+            if not c.running:
+                continue
+            if c.kill_deadline is None:
+                if now < w.grace_deadline and not self._stop_turn(w, c):
+                    wake.append(w.grace_deadline)
+                    continue
+                c.kill_reason = "Killing"
+                if w.grace <= 0:
+                    self.runtime.signal(w.uid, c.name, "SIGKILL")
+                    w.sigkilled.add(c.name)
+                    c.kill_deadline = now + KILL_WAIT
+                else:
+                    self.runtime.signal(w.uid, c.name, c.stop_signal)
+                    c.kill_deadline = max(w.grace_deadline, now + MIN_GRACE)
+            elif now >= c.kill_deadline:
+                if c.name in w.sigkilled:
+                    continue        # SIGKILL did not end it: given up on
+                self.runtime.signal(w.uid, c.name, "SIGKILL")
+                w.sigkilled.add(c.name)
+                c.kill_deadline = now + KILL_WAIT
+            wake.append(c.kill_deadline)
+        return min(wake) if wake else None
 
     def _delete(self, w: PodWork) -> None:
         if self.core is None:

@@ -36,7 +36,7 @@ from typing import Any
 from pufflet.agent import downward
 
 __all__ = ["VolumeError", "VolumeFile", "volume_files", "token_requests",
-           "refresh_due", "clean_path", "DEFAULT_MODE", "DEFAULT_TOKEN_SECONDS",
+           "refresh_at", "refresh_due", "clean_path", "DEFAULT_MODE", "DEFAULT_TOKEN_SECONDS",
            "FILE_VOLUMES"]
 
 Lookup = Callable[[str, str, str], "Mapping[str, Any] | None"]
@@ -314,13 +314,18 @@ def token_requests(pod: Mapping[str, Any], volume: Mapping[str, Any]) -> list[tu
     return out
 
 
-def refresh_due(expiration: float, issued: float, now: float, *, jitter: float = 0.0) -> bool:
-    """Whether a projected token must be fetched again (the kubelet's token
-    manager requiresRefresh): once 80 % of its requested life has passed,
-    or 24 h after issue, whichever is first.  issued is expiration minus
-    the requested expirationSeconds (what the kubelet uses, not the
-    token's iat); jitter (the kubelet draws 0-10 s) makes it earlier."""
+def refresh_at(expiration: float, issued: float, *, jitter: float = 0.0) -> float:
+    """When a projected token must be fetched again (the kubelet's token
+    manager requiresRefresh): once 80 % of its life has passed (20 % of it
+    in whole seconds before expiration, as the kubelet counts), or 24 h
+    after issue, whichever is first.  issued is expiration minus the
+    TokenRequest answer's spec.expirationSeconds (what the kubelet uses,
+    not the token's iat; the API server may have shortened what was asked
+    for); jitter (the kubelet draws 0-10 s) makes it earlier."""
     ttl = int(expiration - issued)
-    if now > issued + TOKEN_MAX_TTL - jitter:
-        return True
-    return now > expiration - (ttl * 20) // 100 - jitter
+    return min(issued + TOKEN_MAX_TTL, expiration - (ttl * 20) // 100) - jitter
+
+
+def refresh_due(expiration: float, issued: float, now: float, *, jitter: float = 0.0) -> bool:
+    """Whether a projected token must be fetched again: past refresh_at."""
+    return now > refresh_at(expiration, issued, jitter=jitter)

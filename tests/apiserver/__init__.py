@@ -62,14 +62,20 @@ class ApiServer:
     def __init__(self, directory: str | Path, *, port: int = 0, watch_window: int = 1000,
                  bookmark_interval: float = 1.0, watch_timeout: float = 1800.0,
                  auto_approve_csr: bool = False, csr_duration: int | None = None,
-                 ca_dir: str | Path | None = None) -> None:
+                 token_duration: int | None = None, ca_dir: str | Path | None = None) -> None:
         """directory: where the PKI and kubeconfigs go (the CA is reused if
         present; pass ca_dir to share one CA between several emulators).
         csr_duration: cap in seconds on signed certificates (the real minimum of
         600 s on spec.expirationSeconds still applies to what clients ask for).
         auto_approve_csr: approve node client CSRs as kube-controller-manager
         does (signer kube-apiserver-client-kubelet only; kubelet-serving CSRs
-        wait for approve_csr, as for an admin's kubectl certificate approve)."""
+        wait for approve_csr, as for an admin's kubectl certificate approve).
+        token_duration: cap in seconds on TokenRequest-issued tokens, as
+        kube-apiserver's --service-account-max-token-expiration (which must
+        be at least an hour there; any value here, so that tests can watch
+        tokens expire): the answer's spec.expirationSeconds and expiry are
+        shortened to it, with a Warning header; the real minimum of 600 s on
+        what clients ask for still applies."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca = CA(Path(ca_dir) if ca_dir else self.dir / "pki")
@@ -83,6 +89,7 @@ class ApiServer:
         self.watch_timeout = watch_timeout
         self.auto_approve_csr = auto_approve_csr
         self.csr_duration = csr_duration
+        self.token_duration = token_duration
         self.return_signed_csr = False
         # pods/log, exec, attach, portforward go to the node (nodeproxy.py)
         # as kube-apiserver-kubelet-client, like kubeadm's apiserver.

@@ -556,6 +556,12 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ApiError(409, "Conflict", "the UID in the bound object reference does "
                                    "not match the object")
             auds = spec.get("audiences") or [api.audience]
+            headers = None
+            if api.token_duration and seconds > api.token_duration:
+                # kube-apiserver's maxExpirationSeconds: shortened, with a warning
+                headers = {"Warning": f'299 - "requested expiration of {seconds} seconds '
+                                      f'shortened to {api.token_duration} seconds"'}
+                seconds = api.token_duration
             token, exp = api.authn.issue_sa_token(info.namespace, sa, seconds, auds, pod)
             out = {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
                    "metadata": {"name": info.name, "namespace": info.namespace,
@@ -563,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
                    "spec": {"audiences": auds, "expirationSeconds": seconds,
                             "boundObjectRef": ref},
                    "status": {"token": token, "expirationTimestamp": exp}}
-            self._send(201, out)
+            self._send(201, out, headers)
             return 201
         raise method_not_allowed("")
 

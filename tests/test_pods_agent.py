@@ -133,14 +133,16 @@ class Parent:
             self.pods.poll()
 
     def close(self):
+        # The loop thread first: the runtime is single-threaded, as in the
+        # real parent, and remove_pod from here raced its poll().
+        self.stopping = True
+        self.client.close()
+        self.thread.join(5)
         for pod_uid in list(self.pods.pods):
             try:
                 self.pods.remove_pod({"pod_uid": pod_uid}, [])
             except Exception:
                 pass
-        self.stopping = True
-        self.client.close()
-        self.thread.join(5)
         self.pods.close()
 
 

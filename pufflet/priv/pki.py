@@ -333,7 +333,11 @@ def create_csr(cfg: Config) -> str:
     return text
 
 
-def _check_cert(cfg: Config, pem: bytes, pending: str) -> CertInfo:
+def _leaf_for(cfg: Config, pem: bytes, key: str, kind: str,
+              key_name: str) -> tuple[bytes, CertInfo]:
+    """The first certificate of a chain from the API server, checked to
+    carry our subject and the public key of our pending key; kind and
+    key_name name them in errors."""
     blocks = _PEM_CERT.findall(pem.decode("ascii"))
     if not blocks or len(blocks) > MAX_CHAIN or len("".join(blocks)) != len(pem):
         raise Status("INVALID_ARGUMENT", "not a PEM certificate chain")
@@ -342,19 +346,28 @@ def _check_cert(cfg: Config, pem: bytes, pending: str) -> CertInfo:
     try:
         got = _cert_subject(first)
         info = cert_info(first)
-        match = _cert_pubkey(first) == _key_pubkey(pending)
+        match = _cert_pubkey(first) == _key_pubkey(key)
     except PkiError as e:
-        raise Status("INVALID_ARGUMENT", f"not a certificate: {e}") from None
+        raise Status("INVALID_ARGUMENT", f"not a {kind}: {e}") from None
     if got != want:
         raise Status("INVALID_ARGUMENT",
                      f"certificate subject {','.join(sorted(got))} is not "
                      f"{','.join(sorted(want))}")
     if not match:
-        raise Status("INVALID_ARGUMENT", "certificate is not for the pending key")
+        raise Status("INVALID_ARGUMENT", f"certificate is not for the {key_name}")
+    return first, info
+
+
+def _check_valid_now(info: CertInfo) -> None:
     now = time.time()
     if not info.not_before <= now < info.not_after:
         raise Status("INVALID_ARGUMENT",
                      f"certificate is not valid now (valid {info.not_before}..{info.not_after})")
+
+
+def _check_cert(cfg: Config, pem: bytes, pending: str) -> CertInfo:
+    _, info = _leaf_for(cfg, pem, pending, "certificate", "pending key")
+    _check_valid_now(info)
     return info
 
 
@@ -697,26 +710,14 @@ def _check_serving_cert(cfg: Config, pem: bytes, key: str, csr: bytes) -> Servin
     """The first certificate of pem must be for key, with our subject, the
     names of our CSR (no more, no fewer), server auth among its usages,
     and valid now.  Intermediates are the signer's business."""
-    blocks = _PEM_CERT.findall(pem.decode("ascii"))
-    if not blocks or len(blocks) > MAX_CHAIN or len("".join(blocks)) != len(pem):
-        raise Status("INVALID_ARGUMENT", "not a PEM certificate chain")
-    first = blocks[0].encode()
-    _, want = _subject(cfg)
+    first, info = _leaf_for(cfg, pem, key, "serving certificate",
+                             "pending serving key")
     try:
-        got = _cert_subject(first)
-        info = cert_info(first)
-        match = _cert_pubkey(first) == _key_pubkey(key)
         lines = _extensions("x509", first)
         dns, ips = _sans(lines)
         want_dns, want_ips = _sans(_extensions("req", csr))
     except PkiError as e:
         raise Status("INVALID_ARGUMENT", f"not a serving certificate: {e}") from None
-    if got != want:
-        raise Status("INVALID_ARGUMENT",
-                     f"certificate subject {','.join(sorted(got))} is not "
-                     f"{','.join(sorted(want))}")
-    if not match:
-        raise Status("INVALID_ARGUMENT", "certificate is not for the pending serving key")
     if (dns, ips) != (want_dns, want_ips):
         raise Status("INVALID_ARGUMENT",
                      f"certificate names {', '.join(sorted(dns | ips)) or 'nothing'}, "
@@ -724,10 +725,7 @@ def _check_serving_cert(cfg: Config, pem: bytes, key: str, csr: bytes) -> Servin
     eku = _after(lines, "X509v3 Extended Key Usage") or ""
     if _SERVER_AUTH not in eku.split(", "):
         raise Status("INVALID_ARGUMENT", "certificate is not for server auth")
-    now = time.time()
-    if not info.not_before <= now < info.not_after:
-        raise Status("INVALID_ARGUMENT",
-                     f"certificate is not valid now (valid {info.not_before}..{info.not_after})")
+    _check_valid_now(info)
     return ServingInfo(info.not_before, info.not_after, tuple(sorted(dns)), tuple(sorted(ips)))
 
 

@@ -4,7 +4,10 @@ import gzip
 import io
 import json
 import os
+import re
+import subprocess
 import tarfile
+from pathlib import Path
 
 from pufflet.images import oci
 
@@ -41,6 +44,31 @@ def layer(*entries, compress: bool = True, fmt=tarfile.PAX_FORMAT) -> bytes:
             tf.addfile(ti, io.BytesIO(data) if data is not None else None)
     b = raw.getvalue()
     return gzip.compress(b, mtime=0) if compress else b
+
+
+def host_libs(binary: str) -> list[str]:
+    """The shared libraries ldd(1) says binary needs, the loader included."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    return re.findall(r"(/\S+) \(0x", out)
+
+
+def host_tools_layer(binaries) -> bytes:
+    """A runnable root from the host's own files: each binary in /bin (the
+    pods' PATH), its libraries at their own paths, /tmp and /etc."""
+    files = {}
+    for b in binaries:
+        files["/bin/" + os.path.basename(b)] = b
+        for lib in host_libs(b):
+            files[lib] = lib
+    entries, dirs = [], set()
+    for dest, src in sorted(files.items()):
+        parts = dest.strip("/").split("/")
+        for i in range(1, len(parts)):
+            dirs.add("/".join(parts[:i]))
+        entries.append(("file", dest.strip("/"), Path(os.path.realpath(src)).read_bytes(),
+                        0o755))
+    entries += [("dir", d) for d in sorted(dirs)] + [("dir", "tmp", 0o1777), ("dir", "etc")]
+    return layer(*sorted(entries, key=lambda e: (e[0] != "dir", e[1])))
 
 
 def put_blob(store, data: bytes) -> str:

@@ -7,7 +7,6 @@ with the streaming routes on it."""
 from __future__ import annotations
 
 import os
-import re
 import ssl
 import subprocess
 import threading
@@ -24,27 +23,9 @@ from pufflet.nodeapi import agentbackend, portforward, remotecommand, server
 BINARIES = ("/bin/sh", "/bin/sleep", "/bin/cat", "/usr/bin/stty")
 
 
-def _libs(binary):
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
-    return re.findall(r"(/\S+) \(0x", out)
-
-
 def tool_layer() -> bytes:
     """sh, sleep, cat and stty from the host, in /bin, with their libraries."""
-    files = {}
-    for b in BINARIES:
-        files["/bin/" + os.path.basename(b)] = b      # the pods' PATH is /bin
-        for lib in _libs(b):
-            files[lib] = lib
-    entries, dirs = [], set()
-    for dest, src in sorted(files.items()):
-        parts = dest.strip("/").split("/")
-        for i in range(1, len(parts)):
-            dirs.add("/".join(parts[:i]))
-        entries.append(("file", dest.strip("/"), Path(os.path.realpath(src)).read_bytes(),
-                        0o755))
-    entries += [("dir", d) for d in sorted(dirs)] + [("dir", "tmp", 0o1777), ("dir", "etc")]
-    return imagetools.layer(*sorted(entries, key=lambda e: (e[0] != "dir", e[1])))
+    return imagetools.host_tools_layer(BINARIES)
 
 
 def tls_contexts(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext, str]:

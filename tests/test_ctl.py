@@ -6,13 +6,12 @@ import gzip
 import io
 import json
 import os
-import re
 import subprocess
 import tarfile
 
 import pytest
 
-from imagetools import image_blobs, layer
+from imagetools import host_libs, image_blobs, layer
 from pufflet import ctl
 from pufflet.images import oci
 from pufflet.priv.imagestore import Store
@@ -86,13 +85,9 @@ def test_build_dir_list_tag_rm(conf, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def _libs(binary):
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
-    return re.findall(r"(/\S+) \(0x", out)
-
 
 def test_build_from_host_files_runs_in_chroot(conf, tmp_path):
-    files = ["/bin/sh", *_libs("/bin/sh")]
+    files = ["/bin/sh", *host_libs("/bin/sh")]
     listfile = tmp_path / "files"
     listfile.write_text("# a shell\n" + "\n".join(files[1:]) + "\n")
     rc, out, err = run(conf, "image", "build", "-t", "shell", "--file", files[0],

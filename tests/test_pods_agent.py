@@ -11,7 +11,6 @@ import re
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from kubernetes import client as k8s
 
 from apiserver import ApiServer
 from daemon import wait_until
-from imagetools import add_image, layer
+from imagetools import add_image, host_tools_layer
 from pufflet import config
 from pufflet.agent import kube
 from pufflet.agent.pods import PodManager
@@ -48,32 +47,8 @@ UID_MIN = 3_300_000 + (os.getpid() % 500) * 200
 # ---------------------------------------------------------------------------
 # the parent, in this process: PodRuntime + Services behind a real Server
 
-def _libs(binary: str) -> list[str]:
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
-    return re.findall(r"(/\S+) \(0x", out) + re.findall(r"^\s*(/\S+) \(0x", out, re.M)
-
-
 def shell_layer() -> bytes:
-    files = {}
-    for tool in TOOLS:
-        real = os.path.realpath(tool)
-        files["bin/" + os.path.basename(tool)] = real
-        for lib in _libs(real):
-            files[lib.lstrip("/")] = os.path.realpath(lib)
-    dirs = sorted({os.path.dirname(p) for p in files for _ in [0]})
-    entries = []
-    seen = set()
-    for d in dirs:
-        parts = d.split("/")
-        for i in range(1, len(parts) + 1):
-            sub = "/".join(parts[:i])
-            if sub and sub not in seen:
-                seen.add(sub)
-                entries.append(("dir", sub))
-    for dest, src in sorted(files.items()):
-        entries.append(("file", dest, Path(src).read_bytes(), 0o755))
-    entries.append(("dir", "tmp", 0o1777))
-    return layer(*entries)
+    return host_tools_layer(TOOLS)
 
 
 class Parent:

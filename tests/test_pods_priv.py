@@ -12,7 +12,6 @@ import re
 import select
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -35,27 +34,9 @@ PATH = ["PATH=/bin"]
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def _libs(binary):
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
-    return re.findall(r"(/\S+) \(0x", out)
-
-
 def _shell_layer() -> bytes:
     """sh, sleep and cat from the host with their libraries: a runnable root."""
-    files = {}
-    for b in ("/bin/sh", "/bin/sleep", "/bin/cat"):
-        files[b] = b
-        for lib in _libs(b):
-            files[lib] = lib
-    entries, dirs = [], set()
-    for dest, src in sorted(files.items()):
-        parts = dest.strip("/").split("/")
-        for i in range(1, len(parts)):
-            dirs.add("/".join(parts[:i]))
-        entries.append(("file", dest.strip("/"), Path(os.path.realpath(src)).read_bytes(),
-                        0o755))
-    entries += [("dir", d) for d in sorted(dirs)] + [("dir", "tmp", 0o1777), ("dir", "etc")]
-    return imagetools.layer(*sorted(entries, key=lambda e: (e[0] != "dir", e[1])))
+    return imagetools.host_tools_layer(("/bin/sh", "/bin/sleep", "/bin/cat"))
 
 
 @pytest.fixture(scope="module")

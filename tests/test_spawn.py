@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -16,6 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from imagetools import host_libs
 
 from pufflet.priv import proctrack, rlimits
 from pufflet.priv.spawn import Spawn, SpawnError, Started, spawn
@@ -27,10 +27,6 @@ real = pytest.mark.skipif(
 UID, GID, GROUP = 47101, 47102, 47103
 
 
-def _libs(binary):
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
-    return re.findall(r"(/\S+) \(0x", out) + re.findall(r"^\s*(/\S+) \(0x", out, re.M)
-
 
 @pytest.fixture
 def root(public_tmp):
@@ -38,7 +34,7 @@ def root(public_tmp):
     root as image files are, with an empty /work and a fifo."""
     r = public_tmp / "root"
     sh = os.path.realpath("/bin/sh")
-    for f in {sh, *_libs(sh)}:
+    for f in {sh, *host_libs(sh)}:
         dest = r / ("bin/sh" if f == sh else f.lstrip("/"))
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(f), dest)

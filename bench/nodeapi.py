@@ -46,7 +46,6 @@ from spdyclient import SpdyClient  # noqa: E402
 from pufflet import config  # noqa: E402
 from pufflet.nodeapi import logs as nodelogs, pods as nodepods  # noqa: E402
 from pufflet.priv.imagestore import Store  # noqa: E402
-from pufflet.priv.pods import kill_uid  # noqa: E402
 
 MSG = b"x" * 63 + b"\n"
 
@@ -250,19 +249,7 @@ def main() -> None:
     finally:
         if node is not None:
             node.close()
-        loggers = {p.runtime.logger.pid for p in env.privs} - {0}
-        for p in env.privs:
-            p.stop()
-        for pid in loggers:
-            try:
-                os.kill(pid, 15)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        uid = env.uid_of.get(tpp.POD_A)
-        if uid:
-            kill_uid(uid, uid)
-        tpp._reap_all()
+        env.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

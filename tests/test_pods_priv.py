@@ -72,24 +72,7 @@ def env(tmp_path, layers):
         ("dir", "bin"), ("file", "bin/sh", "#!not the same sh\n", 0o755))])
     e = Env(cfg, store, img.digest, extra.digest, clash.digest)
     yield e
-    loggers = {p.runtime.logger.pid for p in e.privs} - {0}
-    for p in e.privs:
-        p.stop()
-    # The loggers came back to us (the subreaper): end them now rather than
-    # let them linger into other tests as our children.
-    for pid in loggers:
-        os.kill(pid, signal.SIGTERM)
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-    # Nothing of the test's pods may outlive it.
-    for pod in (POD_A, POD_B):
-        uid = e.uid_of.get(pod)
-        if uid:
-            from pufflet.priv.pods import kill_uid
-            kill_uid(uid, uid)
-    _reap_all()
+    e.close()
 
 
 class Env:
@@ -110,6 +93,24 @@ class Env:
 
     def root(self, pod):
         return Path(self.cfg.state_dir, "pods", pod, "root")
+
+    def close(self):
+        loggers = {p.runtime.logger.pid for p in self.privs} - {0}
+        for p in self.privs:
+            p.stop()
+        # The loggers came back to us (the subreaper): end them now rather
+        # than let them linger into other tests as our children.
+        for pid in loggers:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        # Nothing of the test's pods may outlive it.
+        from pufflet.priv.pods import kill_uid
+        for uid in self.uid_of.values():
+            kill_uid(uid, uid)
+        _reap_all()
 
 
 def _reap_all(runtime=None):

@@ -30,7 +30,7 @@ from pufflet import config
 from pufflet.platform import linux_net as L
 from pufflet.priv import netplan, podnet
 from pufflet.priv.imagestore import Store
-from pufflet.priv.pods import PodRuntime, kill_uid
+from pufflet.priv.pods import PodRuntime
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -82,18 +82,7 @@ def node(tmp_path, layers):
     finally:
         if n is not None:
             n.close()
-        loggers = {p.runtime.logger.pid for p in env.privs} - {0}
-        for p in env.privs:
-            p.stop()
-        for pid in loggers:
-            try:
-                os.kill(pid, 15)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        for uid in env.uid_of.values():
-            kill_uid(uid, uid)
-        tpp._reap_all()
+        env.close()
         node_ = L.Node(CIDR, GATEWAY, None, NAMES, "nft")
         L.sweep(node_, ())
         netplan.teardown(L.node_teardown(node_), L.runner())

@@ -602,3 +602,56 @@ def test_readoption_and_logger_survive_a_restart(env):
 
 def _ppid(pid):
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_valid_but_hostile_requests_to_every_pod_method(env):
+    """The real pod handlers, as a compromised agent could call them: every
+    pod method with bodies its spec accepts (specgen: its pod uids include
+    POD_A, which runs container "c" here, and unknown ones; images not in
+    the pod or the store, routes nobody configured, ports, signals...).
+    Each gets a deliberate status, never INTERNAL (an unexpected
+    exception); the parent keeps serving and, once POD_A is removed, holds
+    no pod."""
+    import random
+
+    import specgen
+    from pufflet.priv.services import POD_METHODS
+    d = specgen.doc()
+    r = random.Random(11)
+    priv = env.priv()
+    create(priv, env)
+    start(priv, env, ["sleep", "60"])
+    seen = {}
+    # RemovePod last, so that the others meet a live pod.
+    for method in sorted(POD_METHODS, key=lambda m: m == "RemovePod"):
+        if method == "WatchContainers":
+            continue            # a stream that waits for exits by design
+        for _ in range(25):
+            body = specgen.request(d, method, r)
+            nfds = len(d["methods"][method].get("request_fds") or ())
+            fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
+            try:
+                if d["methods"][method].get("stream"):
+                    for reply in priv.client.stream(method, body, fds=fds):
+                        for fd in reply.fds:
+                            os.close(fd)
+                else:
+                    for fd in priv.call(method, body, fds=fds).fds:
+                        os.close(fd)
+                code = "OK"
+            except Status as e:
+                code = e.code
+            finally:
+                for fd in fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            assert code != "INTERNAL", (method, body)
+            seen.setdefault(method, set()).add(code)
+    assert set(seen) == set(POD_METHODS) - {"WatchContainers"}
+    try:
+        priv.call("RemovePod", {"pod_uid": POD_A})
+    except Status as e:
+        assert e.code == "NOT_FOUND"        # a generated RemovePod was first
+    assert priv.call("ListPods", {}).body["pods"] == []

@@ -605,3 +605,25 @@ def test_served_over_https(tmp_path):
         assert json.loads(r.read())["node"]["nodeName"] == "n"
     finally:
         srv.close()
+
+
+def test_openbsd_uid_busy_golden():
+    """The pod uid pool's check on OpenBSD: every process (KERN_PROC_ALL,
+    sysctl(2)), a uid counted as real or effective uid or gid."""
+    def proc(pid, ruid, euid, rgid, egid):
+        k = openbsd_stats.KinfoProcTimes()
+        k.p_pid, k.p_ruid, k.p_uid, k.p_rgid, k.p_gid = pid, ruid, euid, rgid, egid
+        return bytes(k)
+    table = b"".join([proc(1, 0, 0, 0, 0), proc(2, 4000, 0, 0, 0), proc(3, 0, 4001, 0, 0),
+                      proc(4, 0, 0, 4002, 0), proc(5, 0, 0, 0, 4003)])
+    libc = FakeLibc({(1, 66, 0, 0, 448, 64): table})
+    assert [openbsd_stats.uid_busy(u, libc=libc) for u in (4000, 4001, 4002, 4003, 4004)] \
+        == [True, True, True, True, False]
+    assert {c[0] for c in libc.calls} == {(1, 66, 0, 0, 448, 64)}
+
+
+def test_uid_pool_asks_the_systems_own_check(monkeypatch):
+    from pufflet.priv import uids
+    assert uids.default_busy() is uids.proc_busy
+    monkeypatch.setattr(uids.sys, "platform", "openbsd7")
+    assert uids.default_busy() is openbsd_stats.uid_busy

@@ -43,6 +43,7 @@ CTL_KERN = 1
 CTL_HW = 6
 KERN_CLOCKRATE = 12
 KERN_PROC = 66
+KERN_PROC_ALL = 0
 KERN_PROC_RUID = 6
 KERN_CPTIME2 = 71
 HW_NCPU = 3
@@ -88,18 +89,19 @@ def sysctl_read(mib: tuple[int, ...], size: int, *, libc=None) -> bytes:
     return buf.raw[:oldlen.value]
 
 
-def procs_mib(uid: int, count: int) -> tuple[int, ...]:
-    return (CTL_KERN, KERN_PROC, KERN_PROC_RUID, uid, ctypes.sizeof(KinfoProcTimes), count)
+def procs_mib(uid: int, count: int, op: int = KERN_PROC_RUID) -> tuple[int, ...]:
+    return (CTL_KERN, KERN_PROC, op, uid, ctypes.sizeof(KinfoProcTimes), count)
 
 
-def kinfo_procs(uid: int, *, libc=None) -> list[KinfoProcTimes]:
-    """Every process whose real uid is uid.  ENOMEM means more processes
-    than room (they may fork between two calls): ask again with more."""
+def kinfo_procs(uid: int, *, op: int = KERN_PROC_RUID, libc=None) -> list[KinfoProcTimes]:
+    """Every process whose real uid is uid (KERN_PROC_ALL: every process,
+    uid ignored).  ENOMEM means more processes than room (they may fork
+    between two calls): ask again with more."""
     size = ctypes.sizeof(KinfoProcTimes)
     count = _FIRST_COUNT
     while True:
         try:
-            raw = sysctl_read(procs_mib(uid, count), size * count, libc=libc)
+            raw = sysctl_read(procs_mib(uid, count, op), size * count, libc=libc)
             break
         except OSError as e:
             if e.errno != errno.ENOMEM or count >= _MAX_COUNT:
@@ -107,6 +109,17 @@ def kinfo_procs(uid: int, *, libc=None) -> list[KinfoProcTimes]:
             count *= 4
     return [KinfoProcTimes.from_buffer_copy(raw, i * size)
             for i in range(len(raw) // size)]
+
+
+def uid_busy(uid: int, *, libc=None) -> bool:
+    """Whether any process has uid as its real or effective uid or gid
+    (p_ruid, p_uid, p_rgid, p_gid of every process, KERN_PROC_ALL): the
+    pod uid pool's check before it gives a uid out again.  The saved ids
+    (p_svuid, p_svgid) lie beyond the head of kinfo_proc read here; a pod
+    uid is never held only as a saved id, since spawn sets all three with
+    setresuid(2)."""
+    return any(uid in (kp.p_ruid, kp.p_uid, kp.p_rgid, kp.p_gid)
+               for kp in kinfo_procs(0, op=KERN_PROC_ALL, libc=libc))
 
 
 def cpu_ns(kp: KinfoProcTimes) -> int | None:

@@ -25,6 +25,7 @@ import grp
 import os
 import pwd
 import re
+import sys
 from typing import Callable
 
 from pufflet.priv import statefile
@@ -86,11 +87,19 @@ def proc_busy(uid: int) -> bool:
     return False
 
 
+def default_busy() -> Callable[[int], bool]:
+    """The system's check: /proc on Linux, sysctl(2) KERN_PROC on OpenBSD."""
+    if sys.platform.startswith("openbsd"):
+        from pufflet.platform import openbsd_stats
+        return openbsd_stats.uid_busy
+    return proc_busy
+
+
 class UidPool:
     """Uids [lo, hi] for pods, the table kept in the state file at path."""
 
     def __init__(self, path: str, lo: int, hi: int,
-                 busy: Callable[[int], bool] = proc_busy) -> None:
+                 busy: Callable[[int], bool] | None = None) -> None:
         for what, v in (("lowest", lo), ("highest", hi)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise UidError(f"pod uid range: {what} uid {v!r} is not a number")
@@ -102,7 +111,7 @@ class UidPool:
         self.path = path
         self.lo = lo
         self.hi = hi
-        self.busy = busy
+        self.busy = busy if busy is not None else default_busy()
         _check_unused(lo, hi)
         self._pods: dict[str, int] = {}
         self._next = lo
